@@ -1,0 +1,86 @@
+//! Offset rules. Delivery rule first: the next offset of each partition is
+//! stored in Redis (`<ns>:offsets`, field `<topic>/<partition>`) by the same
+//! atomic step as the writes it covers, so Redis never holds data newer than
+//! its offsets say nor offsets newer than its data (G2). Resume reads these
+//! offsets and seeks there; a partition without one starts at the earliest
+//! offset Kafka still has. Kafka consumer-group commits are never used.
+
+use std::collections::BTreeMap;
+
+/// Where a partition's reading starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// No stored offset: the oldest record Kafka still has.
+    Earliest,
+    /// The stored next offset.
+    At(i64),
+}
+
+/// The offsets hash field of a partition.
+pub fn offset_field(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+/// Offsets read back from Redis, for the configured topics only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredOffsets {
+    /// (topic index, partition) -> next offset.
+    pub next: BTreeMap<(usize, i32), i64>,
+    /// Fields that could not be understood; reported, then ignored.
+    pub ignored: Vec<String>,
+}
+
+impl StoredOffsets {
+    /// Parses `HGETALL <ns>:offsets`. Fields of topics no longer configured
+    /// are ignored (and left in place: another config may want them again).
+    pub fn parse(topic_names: &[String], fields: Vec<(String, String)>) -> StoredOffsets {
+        let mut stored = StoredOffsets::default();
+        for (field, value) in fields {
+            let parsed = field.rsplit_once('/').and_then(|(topic, partition)| {
+                let topic_idx = topic_names.iter().position(|t| t == topic)?;
+                let partition: i32 = partition.parse().ok().filter(|p| *p >= 0)?;
+                let next: i64 = value.parse().ok().filter(|n| *n >= 0)?;
+                Some(((topic_idx, partition), next))
+            });
+            match parsed {
+                Some((id, next)) => {
+                    stored.next.insert(id, next);
+                }
+                None => stored.ignored.push(field),
+            }
+        }
+        stored
+    }
+
+    pub fn start(&self, topic_idx: usize, partition: i32) -> Start {
+        match self.next.get(&(topic_idx, partition)) {
+            Some(&next) => Start::At(next),
+            None => Start::Earliest,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_start() {
+        let topics = vec!["a".to_owned(), "b/c".to_owned()];
+        let stored = StoredOffsets::parse(
+            &topics,
+            vec![
+                ("a/0".into(), "17".into()),
+                ("b/c/2".into(), "5".into()),
+                ("gone/0".into(), "3".into()),
+                ("a/x".into(), "3".into()),
+                ("a/1".into(), "-4".into()),
+            ],
+        );
+        assert_eq!(stored.start(0, 0), Start::At(17));
+        assert_eq!(stored.start(1, 2), Start::At(5));
+        assert_eq!(stored.start(0, 1), Start::Earliest);
+        assert_eq!(stored.ignored, vec!["gone/0", "a/x", "a/1"]);
+        assert_eq!(offset_field("a", 3), "a/3");
+    }
+}

@@ -1,0 +1,233 @@
+//! The commands behind the binary: `run`, `check-config`, `get`, `status`.
+
+use crate::codec;
+use crate::config::{mask_url_password, Settings};
+use crate::sink::Sink;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code for a configuration error (sysexits' EX_CONFIG); the systemd
+/// unit does not restart on it, since restarting cannot fix the file.
+pub const EXIT_CONFIG: u8 = 78;
+
+#[derive(Debug, Parser)]
+#[command(name = "edgecache", version, about = "Mirror Kafka compacted topics into a local Redis")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short, default_value = "/etc/edgecache/edgecache.toml")]
+        config: PathBuf,
+    },
+    /// Validate the configuration and print the effective settings.
+    CheckConfig {
+        #[arg(long, short, default_value = "/etc/edgecache/edgecache.toml")]
+        config: PathBuf,
+    },
+    /// Print the value stored at a Redis key (prefix included) as JSON.
+    /// Exits 1 when the key does not exist.
+    Get {
+        #[arg(long, short, default_value = "/etc/edgecache/edgecache.toml")]
+        config: PathBuf,
+        /// Print {"key", "format", "ts_ms", "value"} instead of the bare value.
+        #[arg(long)]
+        meta: bool,
+        /// The full Redis key, e.g. device:sensor-1
+        key: String,
+    },
+    /// Print the agent's status hash from Redis.
+    Status {
+        #[arg(long, short, default_value = "/etc/edgecache/edgecache.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Logs go to stderr. Under systemd (JOURNAL_STREAM set) journald adds its
+/// own timestamps, so ours are left out. `EDGECACHE_LOG` (or `RUST_LOG`)
+/// takes a tracing filter such as `info,librdkafka=debug`.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("EDGECACHE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(config: &PathBuf) -> Result<Settings, ExitCode> {
+    Settings::load(config)
+        .and_then(|settings| {
+            crate::source::check_properties(&settings.kafka_properties).map_err(|e| {
+                crate::config::ConfigError {
+                    path: config.display().to_string(),
+                    field: "kafka.properties".into(),
+                    message: e.to_string(),
+                }
+            })?;
+            Ok(settings)
+        })
+        .map_err(|e| {
+            eprintln!("edgecache: invalid configuration: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })
+}
+
+pub async fn execute(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                redis = %mask_url_password(&settings.redis_url),
+                n_topics = settings.topics.len(),
+                memory_budget_mib = settings.config.agent.memory_budget_mib,
+                "starting"
+            );
+            match crate::pipeline::run(&settings, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(settings) => {
+                print!("{}", settings.effective_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Get { config, meta, key } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            get(&settings, key.as_bytes(), meta).await
+        }
+        Command::Status { config, json } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            status(&settings, json).await
+        }
+    }
+}
+
+fn sink_for(settings: &Settings) -> Result<Sink, ExitCode> {
+    Sink::new(&settings.redis_url, &settings.namespace, Vec::new()).map_err(|e| {
+        eprintln!("edgecache: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn get(settings: &Settings, key: &[u8], meta: bool) -> ExitCode {
+    let Some(topic) = settings.topic_for_key(key) else {
+        eprintln!("edgecache: no configured key_prefix matches this key");
+        return ExitCode::from(2);
+    };
+    let mut sink = match sink_for(settings) {
+        Ok(sink) => sink,
+        Err(code) => return code,
+    };
+    let bytes = match sink.get_raw(key).await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => {
+            eprintln!("edgecache: key not found");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("edgecache: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match codec::stored_to_json(topic.store, &bytes) {
+        Ok((value, ts_ms)) => {
+            let shown = if meta {
+                serde_json::json!({
+                    "key": String::from_utf8_lossy(key),
+                    "format": topic.store.to_string(),
+                    "ts_ms": ts_ms,
+                    "value": value,
+                })
+            } else {
+                value
+            };
+            println!("{shown}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "edgecache: the value is not valid {} data: {e}",
+                topic.store
+            );
+            ExitCode::from(4)
+        }
+    }
+}
+
+async fn status(settings: &Settings, json: bool) -> ExitCode {
+    let mut sink = match sink_for(settings) {
+        Ok(sink) => sink,
+        Err(code) => return code,
+    };
+    match sink.status().await {
+        Ok(fields) if fields.is_empty() => {
+            eprintln!("edgecache: no status in Redis (agent never ran against this Redis?)");
+            ExitCode::FAILURE
+        }
+        Ok(fields) => {
+            if json {
+                let map: serde_json::Map<String, serde_json::Value> = fields
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                println!("{}", serde_json::Value::Object(map));
+            } else {
+                for (k, v) in fields {
+                    println!("{k:>22}  {v}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgecache: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+    }
+}

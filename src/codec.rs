@@ -1,0 +1,407 @@
+//! Decoding what arrives from Kafka and encoding what is stored in Redis.
+//!
+//! This is the only module that derives serde for stored data; FORMAT.md is
+//! the normative description of the bytes produced here, and the unit tests
+//! at the bottom check its hex vectors.
+//!
+//! Every decoder here sees outside bytes, so none of them may panic: bad
+//! input is an [`DecodeError`] and the pipeline skips and counts the record.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// First byte of every postcard-stored value. Chosen so a stored value is
+/// never valid UTF-8 at its start, which tells it apart from JSON or text.
+pub const MAGIC: u8 = 0xEC;
+/// Version of the stored layout after the magic byte.
+pub const FORMAT_VERSION: u8 = 1;
+/// Deepest nesting of lists and maps accepted from outside. Bounds the stack
+/// used by every recursive walk below (decode, transcode, print).
+pub const MAX_DEPTH: usize = 64;
+
+/// A small self-describing value. postcard itself carries no type tags, so
+/// this enum provides them: the variant index is the tag on the wire.
+///
+/// The order of variants is part of the stored format: never reorder,
+/// only append.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    String(String),
+    Bytes(Vec<u8>),
+    List(Vec<Value>),
+    /// Keys keep their input order; duplicates are kept as given.
+    Map(Vec<(String, Value)>),
+}
+
+/// What is stored after the two header bytes in the postcard format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    /// The Kafka record timestamp (ms since the Unix epoch), if it had one.
+    pub ts_ms: Option<i64>,
+    pub value: Value,
+}
+
+/// How record values arrive on a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    /// UTF-8 JSON text.
+    Json,
+    /// A bare postcard-encoded [`Value`] (FORMAT.md, "Value").
+    Postcard,
+    /// Opaque bytes.
+    Raw,
+}
+
+/// How values are written to Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreFormat {
+    /// `[MAGIC, FORMAT_VERSION] ++ postcard(StoredRecord)`.
+    Postcard,
+    /// Compact JSON text of the value (no timestamp).
+    Json,
+    /// The record's value bytes exactly as they arrived (after validation).
+    Raw,
+}
+
+impl fmt::Display for InputFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InputFormat::Json => "json",
+            InputFormat::Postcard => "postcard",
+            InputFormat::Raw => "raw",
+        })
+    }
+}
+
+impl fmt::Display for StoreFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StoreFormat::Postcard => "postcard",
+            StoreFormat::Json => "json",
+            StoreFormat::Raw => "raw",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("invalid postcard value: {0}")]
+    Postcard(String),
+    #[error("nesting deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("not an edgecache stored value (bad magic byte)")]
+    BadMagic,
+    #[error("stored format version {0} is newer than this binary understands")]
+    UnknownVersion(u8),
+    #[error("bytes cannot be stored as JSON")]
+    BytesInJson,
+}
+
+/// Parses one record value as its topic's input format.
+pub fn decode_input(format: InputFormat, payload: &[u8]) -> Result<Value, DecodeError> {
+    match format {
+        InputFormat::Json => {
+            let json: serde_json::Value =
+                serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+            from_json(json, 0)
+        }
+        InputFormat::Postcard => {
+            let value: Value = postcard::from_bytes(payload)
+                .map_err(|e| DecodeError::Postcard(e.to_string()))?;
+            check_depth(&value, 0)?;
+            Ok(value)
+        }
+        InputFormat::Raw => Ok(Value::Bytes(payload.to_vec())),
+    }
+}
+
+/// Encodes a decoded record for Redis. `payload` is the original value bytes,
+/// kept verbatim by the raw store format.
+pub fn encode_store(
+    format: StoreFormat,
+    value: &Value,
+    payload: &[u8],
+    ts_ms: Option<i64>,
+    out: &mut Vec<u8>,
+) -> Result<(), DecodeError> {
+    out.clear();
+    match format {
+        StoreFormat::Raw => out.extend_from_slice(payload),
+        StoreFormat::Json => {
+            let json = to_json(value)?;
+            // Writing into a Vec cannot fail.
+            serde_json::to_writer(&mut *out, &json).expect("serialising JSON to memory");
+        }
+        StoreFormat::Postcard => {
+            out.push(MAGIC);
+            out.push(FORMAT_VERSION);
+            let record = StoredRecordRef { ts_ms, value };
+            let encoded = postcard::to_extend(&record, std::mem::take(out))
+                .map_err(|e| DecodeError::Postcard(e.to_string()))?;
+            *out = encoded;
+        }
+    }
+    Ok(())
+}
+
+/// Borrowing twin of [`StoredRecord`] so encoding needs no clone.
+#[derive(Serialize)]
+struct StoredRecordRef<'a> {
+    ts_ms: Option<i64>,
+    value: &'a Value,
+}
+
+/// Decodes a postcard-stored value (header included).
+pub fn decode_stored(bytes: &[u8]) -> Result<StoredRecord, DecodeError> {
+    match bytes {
+        [MAGIC, FORMAT_VERSION, rest @ ..] => {
+            let record: StoredRecord =
+                postcard::from_bytes(rest).map_err(|e| DecodeError::Postcard(e.to_string()))?;
+            check_depth(&record.value, 0)?;
+            Ok(record)
+        }
+        [MAGIC, version, ..] => Err(DecodeError::UnknownVersion(*version)),
+        _ => Err(DecodeError::BadMagic),
+    }
+}
+
+/// Renders whatever a key holds as JSON, given the store format of the topic
+/// that wrote it. Used by `edgecache get`.
+pub fn stored_to_json(
+    format: StoreFormat,
+    bytes: &[u8],
+) -> Result<(serde_json::Value, Option<i64>), DecodeError> {
+    match format {
+        StoreFormat::Postcard => {
+            let record = decode_stored(bytes)?;
+            Ok((to_json_lossy(&record.value), record.ts_ms))
+        }
+        StoreFormat::Json => {
+            let json =
+                serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+            Ok((json, None))
+        }
+        // Raw values print as the JSON they contain when they are JSON,
+        // otherwise as a string (text) or a hex string (binary).
+        StoreFormat::Raw => Ok((
+            serde_json::from_slice(bytes).unwrap_or_else(|_| match std::str::from_utf8(bytes) {
+                Ok(text) => serde_json::Value::String(text.to_owned()),
+                Err(_) => serde_json::Value::String(hex(bytes)),
+            }),
+            None,
+        )),
+    }
+}
+
+fn from_json(json: serde_json::Value, depth: usize) -> Result<Value, DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(DecodeError::TooDeep);
+    }
+    Ok(match json {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            // u64 beyond i64 and all fractions become floats, as in JavaScript.
+            None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => Value::String(s),
+        serde_json::Value::Array(items) => Value::List(
+            items
+                .into_iter()
+                .map(|item| from_json(item, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        serde_json::Value::Object(fields) => Value::Map(
+            fields
+                .into_iter()
+                .map(|(k, v)| Ok((k, from_json(v, depth + 1)?)))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+fn check_depth(value: &Value, depth: usize) -> Result<(), DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(DecodeError::TooDeep);
+    }
+    match value {
+        Value::List(items) => items.iter().try_for_each(|v| check_depth(v, depth + 1)),
+        Value::Map(fields) => fields.iter().try_for_each(|(_, v)| check_depth(v, depth + 1)),
+        _ => Ok(()),
+    }
+}
+
+/// Strict conversion for the JSON store format: bytes and non-finite floats
+/// have no JSON form, so such records are rejected rather than altered.
+fn to_json(value: &Value) -> Result<serde_json::Value, DecodeError> {
+    Ok(match value {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => serde_json::Value::Bool(*b),
+        Value::Int(i) => serde_json::Value::from(*i),
+        Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| DecodeError::Json(format!("{f} has no JSON form")))?,
+        Value::String(s) => serde_json::Value::String(s.clone()),
+        Value::Bytes(_) => return Err(DecodeError::BytesInJson),
+        Value::List(items) => {
+            serde_json::Value::Array(items.iter().map(to_json).collect::<Result<_, _>>()?)
+        }
+        Value::Map(fields) => serde_json::Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), to_json(v)?)))
+                .collect::<Result<_, DecodeError>>()?,
+        ),
+    })
+}
+
+/// Display conversion for `edgecache get`: bytes print as a hex string and
+/// non-finite floats as null, so any stored value can be shown.
+pub fn to_json_lossy(value: &Value) -> serde_json::Value {
+    match value {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => serde_json::Value::Bool(*b),
+        Value::Int(i) => serde_json::Value::from(*i),
+        Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Value::String(s) => serde_json::Value::String(s.clone()),
+        Value::Bytes(b) => serde_json::Value::String(hex(b)),
+        Value::List(items) => serde_json::Value::Array(items.iter().map(to_json_lossy).collect()),
+        Value::Map(fields) => serde_json::Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), to_json_lossy(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Lowercase hex, used for binary values and in log lines about bad keys.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_hex(text: &str) -> Vec<u8> {
+        let digits: Vec<u8> = text.bytes().filter(|b| b.is_ascii_hexdigit()).collect();
+        digits
+            .chunks(2)
+            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
+            .collect()
+    }
+
+    fn store_postcard(json: &str, ts_ms: Option<i64>) -> Vec<u8> {
+        let value = decode_input(InputFormat::Json, json.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        encode_store(StoreFormat::Postcard, &value, json.as_bytes(), ts_ms, &mut out).unwrap();
+        out
+    }
+
+    /// The vectors of FORMAT.md, section "Test vectors". If one of these
+    /// changes, the stored format changed: bump FORMAT_VERSION instead.
+    #[test]
+    fn format_md_vectors() {
+        let format_md = include_str!("../FORMAT.md");
+        let mut n_checked = 0;
+        for line in format_md.lines() {
+            // Vector lines look like: | `{"on":true}` | 1700000000000 | `ec 01 ...` |
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            if cells.len() != 5 || !cells[1].starts_with('`') || !cells[3].starts_with('`') {
+                continue;
+            }
+            let json = cells[1].trim_matches('`');
+            let ts = match cells[2] {
+                "none" => None,
+                n => Some(n.parse().unwrap()),
+            };
+            let expected = from_hex(cells[3].trim_matches('`'));
+            assert_eq!(
+                hex(&store_postcard(json, ts)),
+                hex(&expected),
+                "vector for {json}"
+            );
+            let record = decode_stored(&expected).unwrap();
+            assert_eq!(record.ts_ms, ts);
+            let original: serde_json::Value = serde_json::from_str(json).unwrap();
+            assert_eq!(to_json_lossy(&record.value), original);
+            n_checked += 1;
+        }
+        assert!(n_checked >= 5, "FORMAT.md lost its vectors ({n_checked})");
+    }
+
+    #[test]
+    fn round_trip_every_variant() {
+        let value = Value::Map(vec![
+            ("n".into(), Value::Null),
+            ("b".into(), Value::Bool(false)),
+            ("i".into(), Value::Int(-300)),
+            ("f".into(), Value::Float(1.5)),
+            ("s".into(), Value::String("héllo".into())),
+            ("y".into(), Value::Bytes(vec![0, 255])),
+            ("l".into(), Value::List(vec![Value::Int(1), Value::Null])),
+        ]);
+        let mut out = Vec::new();
+        encode_store(StoreFormat::Postcard, &value, b"", Some(-1), &mut out).unwrap();
+        let back = decode_stored(&out).unwrap();
+        assert_eq!(back.value, value);
+        assert_eq!(back.ts_ms, Some(-1));
+        // The bare value is also what the postcard input format accepts.
+        let bare = postcard::to_allocvec(&value).unwrap();
+        assert_eq!(decode_input(InputFormat::Postcard, &bare).unwrap(), value);
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        assert!(matches!(
+            decode_input(InputFormat::Json, b"{\"a\":"),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            decode_input(InputFormat::Postcard, &[0xff, 0xff, 0xff]),
+            Err(DecodeError::Postcard(_))
+        ));
+        let deep = "[".repeat(MAX_DEPTH + 2) + &"]".repeat(MAX_DEPTH + 2);
+        assert!(decode_input(InputFormat::Json, deep.as_bytes()).is_err());
+        assert_eq!(decode_stored(b"{}"), Err(DecodeError::BadMagic));
+        assert_eq!(
+            decode_stored(&[MAGIC, 9, 0]),
+            Err(DecodeError::UnknownVersion(9))
+        );
+        let bytes = Value::Bytes(vec![1]);
+        let mut out = Vec::new();
+        assert_eq!(
+            encode_store(StoreFormat::Json, &bytes, b"\x01", None, &mut out),
+            Err(DecodeError::BytesInJson)
+        );
+    }
+
+    #[test]
+    fn json_store_and_raw_store() {
+        let payload = br#"{"t": 21.5, "on": true}"#;
+        let value = decode_input(InputFormat::Json, payload).unwrap();
+        let mut out = Vec::new();
+        encode_store(StoreFormat::Json, &value, payload, Some(5), &mut out).unwrap();
+        assert_eq!(out, br#"{"t":21.5,"on":true}"#);
+        encode_store(StoreFormat::Raw, &value, payload, Some(5), &mut out).unwrap();
+        assert_eq!(out, payload);
+        let (json, ts) = stored_to_json(StoreFormat::Raw, b"\xff\x00").unwrap();
+        assert_eq!((json, ts), (serde_json::json!("ff00"), None));
+    }
+}

@@ -1,0 +1,517 @@
+//! Configuration in two stages: [`Config`] is what the TOML file says (every
+//! field documented, unknown fields rejected), [`Settings`] is the validated,
+//! derived form the rest of the agent uses. Validation happens before anything
+//! connects, and every error names the file and the field.
+//!
+//! The one memory budget (`agent.memory_budget_mib`) derives librdkafka's
+//! fetch and queue limits, the batch byte cap and the value-size cap (G5).
+
+use crate::codec::{InputFormat, StoreFormat};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Most records one batch (one Redis transaction) can hold. The coalescing
+/// map is a fixed-capacity heapless map of this size, so it is a compile-time
+/// bound; `agent.max_batch_records` may only lower it.
+pub const BATCH_CAPACITY: usize = 4096;
+/// Longest Kafka key accepted; longer keys are skipped as oversize.
+pub const MAX_KEY_BYTES: usize = 4096;
+
+/// Top level of `edgecache.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Limits of the agent itself.
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// Where to read from.
+    pub kafka: KafkaConfig,
+    /// Where to write to.
+    pub redis: RedisConfig,
+    /// The compacted topics to mirror; at least one.
+    #[serde(default)]
+    pub topics: Vec<TopicConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Memory the agent may use for buffering, in MiB (4..=4096). librdkafka's
+    /// prefetch queue gets 1/4, one fetch response 1/8, a batch 1/8, and the
+    /// value-size cap is 1/32 (at most 16 MiB).
+    pub memory_budget_mib: u32,
+    /// Most records per Redis transaction (1..=4096). Smaller batches keep
+    /// Redis responsive to readers while a large backlog is applied.
+    pub max_batch_records: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            memory_budget_mib: 32,
+            max_batch_records: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma separated `host:port`.
+    pub brokers: String,
+    /// Any librdkafka consumer property, passed through as given, except the
+    /// ones the agent derives or relies on (listed in README).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db` or `unix:///path/to/redis.sock`.
+    pub url: String,
+    /// Prefix of the agent's own keys: `<namespace>:offsets`, `:marker`, `:status`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+fn default_namespace() -> String {
+    "edgecache".to_owned()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Kafka topic name; should be a compacted topic.
+    pub name: String,
+    /// Redis key = key_prefix + Kafka record key.
+    pub key_prefix: String,
+    /// How record values are encoded on the topic.
+    #[serde(default = "default_input")]
+    pub input: InputFormat,
+    /// How values are written to Redis.
+    #[serde(default = "default_store")]
+    pub store: StoreFormat,
+}
+
+fn default_input() -> InputFormat {
+    InputFormat::Json
+}
+
+fn default_store() -> StoreFormat {
+    StoreFormat::Postcard
+}
+
+/// librdkafka properties the agent sets itself; users may not override them.
+pub const DERIVED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.partition.eof",
+    "auto.offset.reset",
+    "queued.max.messages.kbytes",
+    "queued.min.messages",
+    "fetch.max.bytes",
+    "max.partition.fetch.bytes",
+    "receive.message.max.bytes",
+];
+
+/// A configuration problem, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {field}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub field: String,
+    pub message: String,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub redis_url: String,
+    pub namespace: String,
+    pub topics: Vec<TopicSettings>,
+    pub limits: Limits,
+    /// Final librdkafka properties: user's pass-through plus derived ones.
+    pub kafka_properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TopicSettings {
+    pub name: String,
+    pub key_prefix: Vec<u8>,
+    pub input: InputFormat,
+    pub store: StoreFormat,
+}
+
+/// Everything the memory budget derives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub memory_budget_bytes: usize,
+    pub max_batch_records: usize,
+    pub max_batch_bytes: usize,
+    pub max_value_bytes: usize,
+    pub queued_max_messages_kbytes: usize,
+    pub fetch_max_bytes: usize,
+    pub max_partition_fetch_bytes: usize,
+}
+
+impl Limits {
+    pub fn from_budget(budget_mib: u32, max_batch_records: usize) -> Limits {
+        let budget = budget_mib as usize * 1024 * 1024;
+        let fetch_max_bytes = budget / 8;
+        Limits {
+            memory_budget_bytes: budget,
+            max_batch_records: max_batch_records.min(BATCH_CAPACITY),
+            max_batch_bytes: budget / 8,
+            max_value_bytes: (budget / 32).min(16 * 1024 * 1024),
+            queued_max_messages_kbytes: budget / 4 / 1024,
+            fetch_max_bytes,
+            max_partition_fetch_bytes: (fetch_max_bytes / 4).min(1024 * 1024),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: shown.clone(),
+            field: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Settings::parse(&shown, &text)
+    }
+
+    /// Parses and validates configuration text; `path` is only for messages.
+    pub fn parse(path: &str, text: &str) -> Result<Settings, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            path: path.into(),
+            field: "(syntax)".into(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        Settings::validate(path, config)
+    }
+
+    fn validate(path: &str, config: Config) -> Result<Settings, ConfigError> {
+        let err = |field: &str, message: String| ConfigError {
+            path: path.into(),
+            field: field.into(),
+            message,
+        };
+
+        let budget = config.agent.memory_budget_mib;
+        if !(4..=4096).contains(&budget) {
+            return Err(err(
+                "agent.memory_budget_mib",
+                format!("{budget} is outside 4..=4096"),
+            ));
+        }
+        let max_batch = config.agent.max_batch_records;
+        if !(1..=BATCH_CAPACITY).contains(&max_batch) {
+            return Err(err(
+                "agent.max_batch_records",
+                format!("{max_batch} is outside 1..={BATCH_CAPACITY}"),
+            ));
+        }
+        let limits = Limits::from_budget(budget, max_batch);
+
+        if config.kafka.brokers.trim().is_empty() {
+            return Err(err("kafka.brokers", "must name at least one broker".into()));
+        }
+        for key in config.kafka.properties.keys() {
+            if DERIVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                return Err(err(
+                    &format!("kafka.properties.{key}"),
+                    "is set by edgecache itself (memory budget, offsets in Redis); remove it"
+                        .into(),
+                ));
+            }
+        }
+
+        let url = config.redis.url.trim().to_owned();
+        let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
+            .iter()
+            .any(|s| url.starts_with(s));
+        if !scheme_ok {
+            return Err(err(
+                "redis.url",
+                "must start with redis://, rediss://, unix:// or redis+unix://".into(),
+            ));
+        }
+        let namespace = config.redis.namespace.clone();
+        if namespace.is_empty() || namespace.contains(char::is_whitespace) {
+            return Err(err(
+                "redis.namespace",
+                "must be non-empty and without spaces".into(),
+            ));
+        }
+
+        if config.topics.is_empty() {
+            return Err(err("topics", "at least one [[topics]] entry is needed".into()));
+        }
+        let mut topics = Vec::with_capacity(config.topics.len());
+        for (i, topic) in config.topics.iter().enumerate() {
+            let field = |name: &str| format!("topics[{i}].{name}");
+            let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if topic.name.is_empty() || topic.name.len() > 249 || !topic.name.chars().all(legal) {
+                return Err(err(
+                    &field("name"),
+                    format!("{:?} is not a legal Kafka topic name", topic.name),
+                ));
+            }
+            if config.topics[..i].iter().any(|t| t.name == topic.name) {
+                return Err(err(
+                    &field("name"),
+                    format!("topic {:?} is listed twice", topic.name),
+                ));
+            }
+            if topic.key_prefix.is_empty() {
+                return Err(err(
+                    &field("key_prefix"),
+                    "must not be empty: the agent only writes under its prefixes".into(),
+                ));
+            }
+            let meta = format!("{namespace}:");
+            if topic.key_prefix.starts_with(&meta) || meta.starts_with(&topic.key_prefix) {
+                return Err(err(
+                    &field("key_prefix"),
+                    format!(
+                        "{:?} overlaps the agent's own keys {meta:?}*",
+                        topic.key_prefix
+                    ),
+                ));
+            }
+            if let Some(other) = config.topics[..i].iter().find(|t| {
+                t.key_prefix.starts_with(&topic.key_prefix)
+                    || topic.key_prefix.starts_with(&t.key_prefix)
+            }) {
+                return Err(err(
+                    &field("key_prefix"),
+                    format!(
+                        "{:?} overlaps the prefix {:?} of topic {:?}: two topics could write one key",
+                        topic.key_prefix, other.key_prefix, other.name
+                    ),
+                ));
+            }
+            if topic.input == InputFormat::Raw && topic.store == StoreFormat::Json {
+                return Err(err(
+                    &field("store"),
+                    "raw input has no JSON form; use store = \"raw\" or \"postcard\"".into(),
+                ));
+            }
+            topics.push(TopicSettings {
+                name: topic.name.clone(),
+                key_prefix: topic.key_prefix.as_bytes().to_vec(),
+                input: topic.input,
+                store: topic.store,
+            });
+        }
+
+        let mut kafka_properties = config.kafka.properties.clone();
+        let derived = [
+            ("bootstrap.servers", config.kafka.brokers.trim().to_owned()),
+            // Offsets live in Redis (G2); the group id only names the client
+            // in broker logs. Nothing is ever committed and there is no
+            // subscribe, so no group is joined and no rebalance happens.
+            ("group.id", format!("edgecache-{namespace}")),
+            ("enable.auto.commit", "false".into()),
+            ("enable.auto.offset.store", "false".into()),
+            // End-of-partition events tell the pipeline it has caught up.
+            ("enable.partition.eof", "true".into()),
+            // A stored offset below the log start (retention) or no offset at
+            // all both mean: start from the oldest record still there.
+            ("auto.offset.reset", "earliest".into()),
+            (
+                "queued.max.messages.kbytes",
+                limits.queued_max_messages_kbytes.to_string(),
+            ),
+            ("queued.min.messages", "10000".into()),
+            ("fetch.max.bytes", limits.fetch_max_bytes.to_string()),
+            (
+                "max.partition.fetch.bytes",
+                limits.max_partition_fetch_bytes.to_string(),
+            ),
+            // librdkafka requires receive.message.max.bytes >= fetch.max.bytes + 512.
+            (
+                "receive.message.max.bytes",
+                (limits.fetch_max_bytes + 512).to_string(),
+            ),
+        ];
+        for (key, value) in derived {
+            kafka_properties.insert(key.to_owned(), value);
+        }
+        kafka_properties
+            .entry("client.id".into())
+            .or_insert_with(|| "edgecache".into());
+
+        Ok(Settings {
+            redis_url: url,
+            namespace,
+            topics,
+            limits,
+            kafka_properties,
+            config,
+        })
+    }
+
+    /// The effective configuration as TOML, secrets masked, for `check-config`.
+    pub fn effective_toml(&self) -> String {
+        let mut shown = self.config.clone();
+        shown.redis.url = mask_url_password(&shown.redis.url);
+        for (key, value) in shown.kafka.properties.iter_mut() {
+            if is_secret_property(key) {
+                *value = "***".into();
+            }
+        }
+        let mut out = toml::to_string_pretty(&shown).expect("config serialises as TOML");
+        out.push_str("\n# Derived from agent.memory_budget_mib:\n[derived]\n");
+        out.push_str(&toml::to_string_pretty(&self.limits).expect("limits serialise as TOML"));
+        out.push_str("\n# Final librdkafka consumer properties:\n[derived.librdkafka]\n");
+        for (key, value) in &self.kafka_properties {
+            let value = if is_secret_property(key) { "***" } else { value };
+            out.push_str(&format!("{:?} = {:?}\n", key, value));
+        }
+        out
+    }
+
+    /// The topic whose prefix a Redis key falls under (prefixes never overlap).
+    pub fn topic_for_key(&self, key: &[u8]) -> Option<&TopicSettings> {
+        self.topics.iter().find(|t| key.starts_with(&t.key_prefix))
+    }
+}
+
+/// Property names that hold secrets; their values are never printed or logged.
+pub fn is_secret_property(key: &str) -> bool {
+    key.contains("password") || key.contains("secret") || key.ends_with(".key.pem")
+}
+
+/// `redis://user:pw@host` -> `redis://user:***@host`, for messages and logs.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let Some(at) = rest.find('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let masked = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => "***".to_owned(),
+    };
+    format!("{}{}{}", &url[..scheme_end], masked, &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+[[topics]]
+name = "device-state"
+key_prefix = "device:"
+"#;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        Settings::parse("test.toml", text)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_derived_limits() {
+        let settings = parse(MINIMAL).unwrap();
+        assert_eq!(settings.namespace, "edgecache");
+        assert_eq!(settings.topics[0].input, InputFormat::Json);
+        assert_eq!(settings.topics[0].store, StoreFormat::Postcard);
+        let limits = settings.limits;
+        assert_eq!(limits.memory_budget_bytes, 32 << 20);
+        assert_eq!(limits.queued_max_messages_kbytes, 8 << 10);
+        assert_eq!(limits.max_value_bytes, 1 << 20);
+        assert_eq!(settings.kafka_properties["queued.max.messages.kbytes"], "8192");
+        assert_eq!(
+            settings.kafka_properties["receive.message.max.bytes"],
+            ((4 << 20) + 512).to_string()
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../systemd/edgecache.toml");
+        parse(text).unwrap();
+    }
+
+    fn error_field(text: &str) -> String {
+        let e = parse(text).unwrap_err();
+        assert!(e.to_string().starts_with("test.toml: "), "{e}");
+        e.field
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            error_field(&MINIMAL.replace("[kafka]", "[agent]\nmemory_budget_mib = 1\n[kafka]")),
+            "agent.memory_budget_mib"
+        );
+        assert_eq!(
+            error_field(&MINIMAL.replace("redis://127", "http://127")),
+            "redis.url"
+        );
+        assert_eq!(
+            error_field(&MINIMAL.replace("device-state", "bad topic")),
+            "topics[0].name"
+        );
+        assert_eq!(
+            error_field(&MINIMAL.replace("\"device:\"", "\"edgecache:x\"")),
+            "topics[0].key_prefix"
+        );
+        assert_eq!(
+            error_field(&format!(
+                "{MINIMAL}[[topics]]\nname = \"other\"\nkey_prefix = \"device:x\"\n"
+            )),
+            "topics[1].key_prefix"
+        );
+        assert_eq!(
+            error_field(&MINIMAL.replace(
+                "[redis]",
+                "[kafka.properties]\n\"fetch.max.bytes\" = \"1\"\n[redis]"
+            )),
+            "kafka.properties.fetch.max.bytes"
+        );
+        assert_eq!(
+            error_field(&MINIMAL.replace("key_prefix = \"device:\"", "key_prefix = \"d:\"\ninput = \"raw\"\nstore = \"json\"")),
+            "topics[0].store"
+        );
+        // Unknown fields (typos) are errors, not silently ignored.
+        let e = parse(&MINIMAL.replace("[redis]", "[redis]\nnamepsace = \"x\"")).unwrap_err();
+        assert!(e.message.contains("namepsace"), "{e}");
+        let e = parse(&MINIMAL.replace("key_prefix", "inptu = \"json\"\nkey_prefix"))
+            .unwrap_err();
+        assert_eq!(e.field, "(syntax)");
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(
+            mask_url_password("redis://app:s3cret@127.0.0.1:6379/0"),
+            "redis://app:***@127.0.0.1:6379/0"
+        );
+        assert_eq!(mask_url_password("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        let text = MINIMAL
+            .replace("127.0.0.1:6379", "u:hunter2@127.0.0.1:6379")
+            .replace(
+                "[redis]",
+                "[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n[redis]",
+            );
+        let shown = parse(&text).unwrap().effective_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("queued.max.messages.kbytes"));
+    }
+}

@@ -1,0 +1,21 @@
+//! The `edgecache` binary: glue only. Parses the command line, sets up
+//! logging and the current-thread runtime, and maps errors to exit codes.
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = edgecache::cli::Cli::parse();
+    edgecache::cli::init_logging();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("edgecache: cannot start the runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    runtime.block_on(edgecache::cli::execute(cli))
+}

@@ -1,0 +1,593 @@
+//! The loop: poll -> decode -> map key -> coalesce -> apply, one task.
+//!
+//! Batching is adaptive: after the first record arrives, everything librdkafka
+//! already buffered is taken (up to the batch caps) and the batch is applied
+//! at once when nothing more is waiting. A slow trickle gives per-record
+//! latency, a backlog gives large transactions; there is no fixed linger.
+//!
+//! Backpressure (G6): while a batch cannot be applied, the loop does not poll
+//! Kafka; librdkafka stops fetching once its budgeted queue is full. The batch
+//! is kept and retried with backoff; positions only advance after Redis
+//! acknowledged the transaction that stores them.
+
+use crate::backoff::Backoff;
+use crate::batch::{Batch, Op, PartitionId, SkipReason};
+use crate::checkpoint::{Start, StoredOffsets};
+use crate::codec;
+use crate::config::{Settings, MAX_KEY_BYTES};
+use crate::sink::{Sink, SinkError};
+use crate::source::{Event, Incoming, Source, SourceError};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// How often the idle checks run: marker still there (G4), partitions,
+/// caught-up state, Kafka reachability.
+const TICK: Duration = Duration::from_secs(1);
+/// How often topic metadata is read again to notice new partitions.
+const DISCOVER_EVERY: Duration = Duration::from_secs(30);
+/// At most this many bad-record lines per window; the rest are counted.
+const BAD_RECORD_LOG_LIMIT: u32 = 20;
+const BAD_RECORD_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+/// What the agent is doing; written to `<ns>:status` field `state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Starting,
+    Rehydrating,
+    CatchingUp,
+    Live,
+    KafkaUnreachable,
+    RedisUnreachable,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Rehydrating => "rehydrating",
+            State::CatchingUp => "catching-up",
+            State::Live => "live",
+            State::KafkaUnreachable => "kafka-unreachable",
+            State::RedisUnreachable => "redis-unreachable",
+        }
+    }
+}
+
+/// Whether the loop goes on.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// The batch was dropped and every partition restarted from the earliest
+    /// offset: records already in hand belong to the old assignment.
+    Rehydrated,
+    Stop,
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        // Keep the sender alive so receivers see `true`, not a closed channel.
+        std::future::pending::<()>().await
+    };
+    let topic_names: Vec<String> = settings.topics.iter().map(|t| t.name.clone()).collect();
+    let source = Source::new(&settings.kafka_properties, topic_names.clone())?;
+    let sink = Sink::new(&settings.redis_url, &settings.namespace, topic_names)?;
+    let mut pipeline = Pipeline {
+        settings,
+        sink,
+        batch: Batch::new(
+            settings.limits.max_batch_records,
+            settings.limits.max_batch_bytes,
+        ),
+        positions: BTreeMap::new(),
+        stored: StoredOffsets::default(),
+        stop: stop_rx,
+        state: State::Starting,
+        written_state: None,
+        caught_up: false,
+        catch_up_started: Instant::now(),
+        records_since_start: 0,
+        last_apply: Instant::now(),
+        last_discover: Instant::now(),
+        bad_logged: 0,
+        bad_suppressed: 0,
+        bad_window: Instant::now(),
+        encoded: Vec::new(),
+    };
+    tokio::select! {
+        _ = signal => unreachable!("the signal future never completes"),
+        result = pipeline.run(&source) => result,
+    }
+}
+
+struct Pipeline<'s> {
+    settings: &'s Settings,
+    sink: Sink,
+    batch: Batch,
+    /// Every assigned partition and where reading (re)started or, after an
+    /// apply, the next offset Redis holds for it.
+    positions: BTreeMap<PartitionId, Start>,
+    stored: StoredOffsets,
+    stop: watch::Receiver<bool>,
+    state: State,
+    written_state: Option<State>,
+    caught_up: bool,
+    catch_up_started: Instant,
+    records_since_start: u64,
+    last_apply: Instant,
+    last_discover: Instant,
+    bad_logged: u32,
+    bad_suppressed: u64,
+    bad_window: Instant,
+    /// Reused encode buffer.
+    encoded: Vec<u8>,
+}
+
+impl Pipeline<'_> {
+    async fn run(&mut self, source: &Source) -> Result<(), RunError> {
+        if self.connect_redis().await == Flow::Stop {
+            return Ok(());
+        }
+        if self.sink.aof_enabled().await == Some(false) {
+            warn!(
+                "Redis persistence (appendonly) is off: a Redis restart loses the cache \
+                 and the agent will rehydrate everything from Kafka; see the README's \
+                 Redis drop-in"
+            );
+        }
+        if self.discover_and_assign(source).await == Flow::Stop {
+            return Ok(());
+        }
+
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop = self.stop.clone();
+        'outer: loop {
+            let flow = tokio::select! {
+                biased;
+                _ = stop.changed() => Flow::Stop,
+                _ = tick.tick() => {
+                    self.housekeeping(source).await
+                }
+                event = source.recv() => self.handle(source, event).await,
+            };
+            if flow == Flow::Stop {
+                break;
+            }
+            // Take what is already buffered, up to the batch caps.
+            while !self.batch.is_full_for(0, 0) {
+                let Some(event) = source.try_recv() else {
+                    break;
+                };
+                match self.handle(source, event).await {
+                    Flow::Stop => break 'outer,
+                    Flow::Rehydrated | Flow::Continue => {}
+                }
+            }
+            if self.flush(source).await == Flow::Stop {
+                break;
+            }
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Waits `delay`, or less if shutdown is asked; returns Stop then.
+    async fn pause(&mut self, delay: Duration) -> Flow {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = stop.wait_for(|stopping| *stopping) => Flow::Stop,
+            _ = tokio::time::sleep(delay) => Flow::Continue,
+        }
+    }
+
+    /// Adopts or creates the marker and loads offsets, retrying until Redis
+    /// answers.
+    async fn connect_redis(&mut self) -> Flow {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            let mut stop = self.stop.clone();
+            let outcome = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Flow::Stop,
+                outcome = self.sink.init() => outcome,
+            };
+            match outcome {
+                Ok(outcome) => {
+                    if outcome.fresh {
+                        info!("Redis holds no edgecache state: rehydrating every partition from the earliest offset");
+                        self.state = State::Rehydrating;
+                    } else {
+                        info!(
+                            n_partitions = outcome.offsets.next.len(),
+                            "resuming from the offsets stored in Redis"
+                        );
+                        self.state = State::CatchingUp;
+                    }
+                    for field in &outcome.offsets.ignored {
+                        warn!(field, "ignoring an offsets field of no configured topic");
+                    }
+                    self.stored = outcome.offsets;
+                    self.write_state().await;
+                    return Flow::Continue;
+                }
+                Err(e) => {
+                    warn!("{e}; retrying");
+                    if self.pause(backoff.next_delay()).await == Flow::Stop {
+                        return Flow::Stop;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads topic metadata (retrying until Kafka answers) and assigns every
+    /// partition at its stored offset.
+    async fn discover_and_assign(&mut self, source: &Source) -> Flow {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+        loop {
+            let mut stop = self.stop.clone();
+            let found = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Flow::Stop,
+                found = source.discover() => found,
+            };
+            match found {
+                Ok(partitions) => {
+                    for (topic_idx, topic) in self.settings.topics.iter().enumerate() {
+                        let n = partitions.iter().filter(|p| p.0 == topic_idx).count();
+                        if n == 0 {
+                            warn!(topic = %topic.name, "topic has no partitions (does it exist?); will look again");
+                        } else {
+                            info!(topic = %topic.name, n_partitions = n, "assigning");
+                        }
+                    }
+                    self.positions = partitions
+                        .iter()
+                        .map(|&p| (p, self.stored.start(p.0, p.1)))
+                        .collect();
+                    let starts: Vec<_> = self.positions.iter().map(|(&p, &s)| (p, s)).collect();
+                    if let Err(e) = source.assign(&starts) {
+                        error!("{e}");
+                    }
+                    self.last_discover = Instant::now();
+                    self.catch_up_started = Instant::now();
+                    return Flow::Continue;
+                }
+                Err(e) => {
+                    self.set_state(State::KafkaUnreachable).await;
+                    warn!("{e}; retrying");
+                    if self.pause(backoff.next_delay()).await == Flow::Stop {
+                        return Flow::Stop;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, source: &Source, event: Event<'_>) -> Flow {
+        match event {
+            Event::Record(incoming) => self.handle_record(source, incoming).await,
+            Event::EndOfPartition | Event::Foreign => Flow::Continue,
+            Event::Error(e) => {
+                warn!("Kafka: {e}");
+                Flow::Continue
+            }
+        }
+    }
+
+    async fn handle_record(&mut self, source: &Source, incoming: Incoming<'_>) -> Flow {
+        let partition = incoming.partition();
+        let offset = incoming.offset();
+        match self.positions.get(&partition) {
+            // Prefetched before a reassignment, or already in Redis.
+            Some(Start::At(next)) if offset < *next => return Flow::Continue,
+            Some(_) => {}
+            None => return Flow::Continue,
+        }
+        let topic = &self.settings.topics[partition.0];
+        let key = match incoming.key() {
+            None => return self.skip(partition, offset, SkipReason::NoKey, "record has no key"),
+            Some(key) if key.len() > MAX_KEY_BYTES => {
+                return self.skip(partition, offset, SkipReason::Oversize, "key too long")
+            }
+            Some(key) => key,
+        };
+        let op = match incoming.payload() {
+            None => Op::Delete,
+            Some(payload) if payload.len() > self.settings.limits.max_value_bytes => {
+                return self.skip(partition, offset, SkipReason::Oversize, "value over the size cap")
+            }
+            Some(payload) => {
+                let encoded = codec::decode_input(topic.input, payload).and_then(|value| {
+                    codec::encode_store(
+                        topic.store,
+                        &value,
+                        payload,
+                        incoming.timestamp_ms(),
+                        &mut self.encoded,
+                    )
+                });
+                if let Err(e) = encoded {
+                    let why = e.to_string();
+                    return self.skip(partition, offset, SkipReason::Undecodable, &why);
+                }
+                Op::Set(self.encoded.clone())
+            }
+        };
+        let mut redis_key = Vec::with_capacity(topic.key_prefix.len() + key.len());
+        redis_key.extend_from_slice(&topic.key_prefix);
+        redis_key.extend_from_slice(key);
+        let value_len = match &op {
+            Op::Set(v) => v.len(),
+            Op::Delete => 0,
+        };
+        if self.batch.is_full_for(redis_key.len(), value_len) {
+            match self.flush(source).await {
+                Flow::Continue => {}
+                // The record belongs to the old assignment or we are stopping.
+                other => return other,
+            }
+        }
+        self.batch.put(partition, offset, redis_key, op);
+        Flow::Continue
+    }
+
+    fn skip(&mut self, partition: PartitionId, offset: i64, reason: SkipReason, why: &str) -> Flow {
+        self.batch.skip(partition, offset, reason);
+        if self.bad_window.elapsed() > BAD_RECORD_LOG_WINDOW {
+            if self.bad_suppressed > 0 {
+                warn!(n = self.bad_suppressed, "more bad records skipped (not logged one by one)");
+            }
+            self.bad_window = Instant::now();
+            self.bad_logged = 0;
+            self.bad_suppressed = 0;
+        }
+        if self.bad_logged < BAD_RECORD_LOG_LIMIT {
+            self.bad_logged += 1;
+            let topic = &self.settings.topics[partition.0].name;
+            warn!(
+                topic = %topic,
+                partition = partition.1,
+                offset,
+                reason = reason.counter(),
+                "skipping record: {why}"
+            );
+        } else {
+            self.bad_suppressed += 1;
+        }
+        Flow::Continue
+    }
+
+    /// Applies the batch, retrying until Redis takes it (G6), or rehydrates
+    /// when Redis lost our state (G4).
+    async fn flush(&mut self, source: &Source) -> Flow {
+        if self.batch.is_empty() {
+            return Flow::Continue;
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let mut stop = self.stop.clone();
+            let result = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Flow::Stop,
+                result = self.sink.apply(&self.batch) => result,
+            };
+            match result {
+                Ok(()) => {
+                    for (&partition, &next) in self.batch.next_offsets() {
+                        self.positions.insert(partition, Start::At(next));
+                    }
+                    self.records_since_start += self.batch.counts().records;
+                    self.batch.clear();
+                    self.last_apply = Instant::now();
+                    if self.state == State::RedisUnreachable {
+                        info!("Redis reachable again");
+                        self.state = if self.caught_up {
+                            State::Live
+                        } else {
+                            State::CatchingUp
+                        };
+                    }
+                    return Flow::Continue;
+                }
+                Err(SinkError::Lost) => return self.rehydrate(source).await,
+                Err(e) => {
+                    if self.state != State::RedisUnreachable {
+                        warn!("{e}; keeping the batch and retrying");
+                        self.state = State::RedisUnreachable;
+                    }
+                    if self.pause(backoff.next_delay()).await == Flow::Stop {
+                        return Flow::Stop;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Redis no longer holds our state: drop the batch, recreate the marker,
+    /// and read every partition again from the earliest offset.
+    async fn rehydrate(&mut self, source: &Source) -> Flow {
+        warn!("Redis lost the agent's state (flushed, restarted without persistence, or replaced): rehydrating from the earliest offsets");
+        self.batch.clear();
+        if self.connect_redis().await == Flow::Stop {
+            return Flow::Stop;
+        }
+        self.state = State::Rehydrating;
+        for (partition, start) in self.positions.iter_mut() {
+            *start = self.stored.start(partition.0, partition.1);
+        }
+        let starts: Vec<_> = self.positions.iter().map(|(&p, &s)| (p, s)).collect();
+        if let Err(e) = source.assign(&starts) {
+            error!("{e}");
+        }
+        self.caught_up = false;
+        self.catch_up_started = Instant::now();
+        self.records_since_start = 0;
+        self.write_state().await;
+        Flow::Rehydrated
+    }
+
+    /// Idle-time checks, once per tick.
+    async fn housekeeping(&mut self, source: &Source) -> Flow {
+        // G4: notice a flushed Redis even when no records arrive.
+        if self.last_apply.elapsed() >= TICK {
+            match self.sink.still_ours().await {
+                Ok(true) => {
+                    if self.state == State::RedisUnreachable {
+                        self.state = State::CatchingUp;
+                    }
+                }
+                Ok(false) => {
+                    if self.rehydrate(source).await == Flow::Stop {
+                        return Flow::Stop;
+                    }
+                }
+                Err(e) => {
+                    if self.state != State::RedisUnreachable {
+                        warn!("{e}");
+                    }
+                    self.state = State::RedisUnreachable;
+                }
+            }
+        }
+        if self.last_discover.elapsed() >= DISCOVER_EVERY {
+            self.discover_new(source).await;
+        }
+        if source.brokers_down() && self.state != State::RedisUnreachable {
+            if self.state != State::KafkaUnreachable {
+                warn!("Kafka unreachable: Redis keeps serving the last state; reconnecting");
+            }
+            self.state = State::KafkaUnreachable;
+        } else if !self.caught_up && self.batch.is_empty() {
+            self.check_caught_up(source).await;
+        }
+        self.write_state().await;
+        Flow::Continue
+    }
+
+    /// Adds partitions that appeared since the last look (a topic grew or was
+    /// created after start).
+    async fn discover_new(&mut self, source: &Source) {
+        self.last_discover = Instant::now();
+        let Ok(found) = source.discover().await else {
+            return;
+        };
+        let new: Vec<(PartitionId, Start)> = found
+            .into_iter()
+            .filter(|p| !self.positions.contains_key(p))
+            .map(|p| (p, self.stored.start(p.0, p.1)))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        info!(n_partitions = new.len(), "new partitions found; assigning");
+        match source.add(&new) {
+            Ok(()) => {
+                self.positions.extend(new);
+                self.caught_up = false;
+            }
+            Err(e) => error!("{e}"),
+        }
+    }
+
+    /// Caught up when every partition's next offset reached the high
+    /// watermark Kafka reports (empty partitions count as caught up).
+    async fn check_caught_up(&mut self, source: &Source) {
+        let partitions: Vec<PartitionId> = self.positions.keys().copied().collect();
+        if partitions.is_empty() {
+            return;
+        }
+        let mut stop = self.stop.clone();
+        let marks = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            marks = source.watermarks(partitions) => marks,
+        };
+        let Ok(marks) = marks else {
+            return;
+        };
+        source.mark_reachable();
+        let behind = marks.iter().any(|(p, mark)| match self.positions.get(p) {
+            Some(Start::At(next)) => *next < mark.high,
+            _ => mark.low < mark.high,
+        });
+        if behind {
+            if self.state == State::KafkaUnreachable {
+                self.state = State::CatchingUp;
+            }
+            return;
+        }
+        let seconds = self.catch_up_started.elapsed().as_secs_f64();
+        info!(
+            n_records = self.records_since_start,
+            seconds = format!("{seconds:.1}"),
+            "caught up; live"
+        );
+        self.caught_up = true;
+        self.state = State::Live;
+    }
+
+    async fn set_state(&mut self, state: State) {
+        self.state = state;
+        self.write_state().await;
+    }
+
+    /// Writes `state` to the status hash when it changed (best effort: when
+    /// Redis is down there is nobody to read it anyway).
+    async fn write_state(&mut self) {
+        let state = if self.caught_up && self.state == State::CatchingUp {
+            State::Live
+        } else {
+            self.state
+        };
+        if self.written_state == Some(state) || state == State::RedisUnreachable {
+            return;
+        }
+        let fields = [
+            ("state", state.as_str().to_owned()),
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("state_since_ms", crate::sink::now_ms().to_string()),
+        ];
+        if self.sink.set_status(&fields).await.is_ok() {
+            self.written_state = Some(state);
+        }
+    }
+
+    /// Finishes the batch in hand if Redis takes it within two seconds,
+    /// otherwise abandons it: its offsets were not stored, so it is read
+    /// again after the restart and nothing is lost.
+    async fn shutdown(&mut self) {
+        if !self.batch.is_empty() && !self.stopping_hard() {
+            match tokio::time::timeout(Duration::from_secs(2), self.sink.apply(&self.batch)).await
+            {
+                Ok(Ok(())) => info!("applied the last batch"),
+                _ => info!("abandoned the in-flight batch; it is read again after restart"),
+            }
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.sink.set_status(&[("state", "stopped".to_owned())]),
+        )
+        .await;
+        info!("stopped");
+    }
+
+    fn stopping_hard(&self) -> bool {
+        self.state == State::RedisUnreachable && self.stopping()
+    }
+}

@@ -1,0 +1,331 @@
+//! The Redis side. The only module that imports `redis`.
+//!
+//! Delivery rule: a batch's writes and the offsets that cover them are
+//! applied by ONE server-side script, which Redis runs atomically like a
+//! MULTI/EXEC transaction (G2). The script first checks that the agent's
+//! marker key still holds this agent's token and refuses to write anything if
+//! not (G4): a FLUSHALL, a restart without persistence or a new instance can
+//! therefore never be followed by a write that recreates offsets at a late
+//! position. A plain MULTI/EXEC cannot make that check inside the
+//! transaction on a shared connection (WATCH is per connection); the script
+//! can, in the same round trip.
+//!
+//! Errors are split by what the caller must do: [`SinkError::Unreachable`]
+//! means keep the batch and retry; [`SinkError::Lost`] means Redis no longer
+//! holds our state, so drop the batch and rehydrate.
+
+use crate::batch::{Batch, Op, SkipReason};
+use crate::checkpoint::{offset_field, StoredOffsets};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Script};
+use std::time::Duration;
+
+/// How long one Redis call may take before the connection counts as down.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+const APPLY_SCRIPT: &str = r#"
+-- KEYS[1] marker, KEYS[2] offsets hash, KEYS[3] status hash, KEYS[4..] data keys
+-- ARGV[1] token, ARGV[2] n_offsets, ARGV[3] n_counters, ARGV[4] now_ms,
+-- then n_offsets (field, next offset) pairs, n_counters (name, delta) pairs,
+-- then one (op, value) pair per data key: op "s" = SET value, "d" = DEL.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
+end
+local a = 5
+for i = 1, tonumber(ARGV[2]) do
+  redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+for i = 1, tonumber(ARGV[3]) do
+  redis.call('HINCRBY', KEYS[3], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+for k = 4, #KEYS do
+  if ARGV[a] == 's' then
+    redis.call('SET', KEYS[k], ARGV[a + 1])
+  else
+    redis.call('DEL', KEYS[k])
+  end
+  a = a + 2
+end
+redis.call('HSET', KEYS[3], 'last_applied_ms', ARGV[4])
+return #KEYS - 3
+"#;
+
+/// Adopt the marker if it exists; otherwise create it and drop any offsets
+/// left without one, since they no longer describe what Redis holds.
+const INIT_SCRIPT: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current then
+  return {current, 0}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return {ARGV[1], 1}
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("Redis unreachable: {0}")]
+    Unreachable(String),
+    #[error("Redis lost the agent's state (marker missing): rehydrate")]
+    Lost,
+    #[error("Redis refused the request: {0}")]
+    Refused(String),
+}
+
+impl From<redis::RedisError> for SinkError {
+    fn from(e: redis::RedisError) -> Self {
+        if e.to_string().contains("EDGECACHE_LOST") {
+            SinkError::Lost
+        } else if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || matches!(
+                e.kind(),
+                redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain
+            )
+        {
+            SinkError::Unreachable(e.to_string())
+        } else {
+            SinkError::Refused(e.to_string())
+        }
+    }
+}
+
+/// What [`Sink::init`] found.
+#[derive(Debug)]
+pub struct InitOutcome {
+    /// True when the marker was missing: Redis holds none of our state.
+    pub fresh: bool,
+    pub offsets: StoredOffsets,
+}
+
+/// Keys of the agent's own meta data.
+#[derive(Debug, Clone)]
+pub struct MetaKeys {
+    pub marker: String,
+    pub offsets: String,
+    pub status: String,
+}
+
+impl MetaKeys {
+    pub fn new(namespace: &str) -> MetaKeys {
+        MetaKeys {
+            marker: format!("{namespace}:marker"),
+            offsets: format!("{namespace}:offsets"),
+            status: format!("{namespace}:status"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Sink {
+    client: Client,
+    connection: Option<MultiplexedConnection>,
+    keys: MetaKeys,
+    token: String,
+    apply: Script,
+    init: Script,
+    /// Reused argument buffers, so a batch allocates nothing per record here.
+    topic_names: Vec<String>,
+}
+
+impl Sink {
+    /// Parses the URL; connects lazily on first use, so a Redis that is down
+    /// at start is retried like one that goes down later.
+    pub fn new(url: &str, namespace: &str, topic_names: Vec<String>) -> Result<Sink, SinkError> {
+        let client = Client::open(url).map_err(|e| SinkError::Refused(e.to_string()))?;
+        Ok(Sink {
+            client,
+            connection: None,
+            keys: MetaKeys::new(namespace),
+            token: String::new(),
+            apply: Script::new(APPLY_SCRIPT),
+            init: Script::new(INIT_SCRIPT),
+            topic_names,
+        })
+    }
+
+    async fn connection(&mut self) -> Result<MultiplexedConnection, SinkError> {
+        if let Some(connection) = &self.connection {
+            return Ok(connection.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(CALL_TIMEOUT)
+            .set_response_timeout(CALL_TIMEOUT);
+        let connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        self.connection = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Runs a call; on a connection failure forgets the connection so the
+    /// next call reconnects.
+    async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, SinkError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let connection = self.connection().await?;
+        let result = f(connection).await.map_err(SinkError::from);
+        if matches!(result, Err(SinkError::Unreachable(_))) {
+            self.connection = None;
+        }
+        result
+    }
+
+    /// Adopts or creates the marker, then reads the stored offsets.
+    pub async fn init(&mut self) -> Result<InitOutcome, SinkError> {
+        let candidate = new_token();
+        let (marker, offsets) = (self.keys.marker.clone(), self.keys.offsets.clone());
+        let init = self.init.clone();
+        let (token, created): (String, i64) = self
+            .call(|mut c| async move {
+                init.key(&marker)
+                    .key(&offsets)
+                    .arg(&candidate)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        self.token = token;
+        let offsets = self.load_offsets().await?;
+        Ok(InitOutcome {
+            fresh: created == 1,
+            offsets,
+        })
+    }
+
+    async fn load_offsets(&mut self) -> Result<StoredOffsets, SinkError> {
+        let key = self.keys.offsets.clone();
+        let fields: Vec<(String, String)> = self
+            .call(|mut c| async move {
+                redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async::<Vec<(String, String)>>(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(StoredOffsets::parse(&self.topic_names, fields))
+    }
+
+    /// True while Redis still holds our marker. Cheap; called when idle so a
+    /// flushed Redis is noticed even when no records arrive (G4).
+    pub async fn still_ours(&mut self) -> Result<bool, SinkError> {
+        let key = self.keys.marker.clone();
+        let current: Option<String> = self
+            .call(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
+            .await?;
+        Ok(current.as_deref() == Some(self.token.as_str()))
+    }
+
+    /// Applies a batch atomically with its offsets and counters (G2, G4).
+    pub async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let mut connection = self.connection().await?;
+        let mut invocation = self.apply.prepare_invoke();
+        invocation
+            .key(&self.keys.marker)
+            .key(&self.keys.offsets)
+            .key(&self.keys.status);
+        let counts = batch.counts();
+        let counters: Vec<(&str, u64)> = std::iter::once(("records", counts.records))
+            .chain(
+                SkipReason::ALL
+                    .iter()
+                    .map(|r| (r.counter(), counts.skipped[*r as usize])),
+            )
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        invocation
+            .arg(&self.token)
+            .arg(batch.next_offsets().len())
+            .arg(counters.len())
+            .arg(now_ms());
+        for (&(topic_idx, partition), next) in batch.next_offsets() {
+            invocation
+                .arg(offset_field(&self.topic_names[topic_idx], partition))
+                .arg(next);
+        }
+        for (name, delta) in counters {
+            invocation.arg(name).arg(delta);
+        }
+        for (key, op) in batch.ops() {
+            invocation.key(key.as_slice());
+            match op {
+                Op::Set(value) => invocation.arg("s").arg(value.as_slice()),
+                Op::Delete => invocation.arg("d").arg(""),
+            };
+        }
+        let result: Result<i64, SinkError> = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(SinkError::from);
+        if matches!(result, Err(SinkError::Unreachable(_))) {
+            self.connection = None;
+        }
+        result.map(|_| ())
+    }
+
+    /// Sets fields of the status hash (state, errors); best effort.
+    pub async fn set_status(&mut self, fields: &[(&str, String)]) -> Result<(), SinkError> {
+        let key = self.keys.status.clone();
+        let fields: Vec<(String, String)> = fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        self.call(|mut c| async move {
+            redis::cmd("HSET")
+                .arg(&key)
+                .arg(fields)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Reads one key's raw bytes (for `edgecache get`).
+    pub async fn get_raw(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, SinkError> {
+        let key = key.to_vec();
+        self.call(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await
+    }
+
+    /// Reads the status hash (for `edgecache status` and tests).
+    pub async fn status(&mut self) -> Result<Vec<(String, String)>, SinkError> {
+        let key = self.keys.status.clone();
+        self.call(|mut c| async move { redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
+            .await
+    }
+
+    /// Whether Redis persists to an append-only file (G3); `None` if the
+    /// server does not let us ask (CONFIG may be renamed or denied by ACL).
+    pub async fn aof_enabled(&mut self) -> Option<bool> {
+        let reply: Result<Vec<String>, SinkError> = self
+            .call(|mut c| async move {
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("appendonly")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        reply.ok()?.get(1).map(|v| v == "yes")
+    }
+}
+
+/// A token unique enough to tell this marker from one set by another run:
+/// time plus process id, no randomness source needed.
+fn new_token() -> String {
+    format!("{}-{}", now_ms(), std::process::id())
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

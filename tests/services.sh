@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Services for the real-Kafka tests, CI and the demo. No Docker here: Kafka runs
+# straight from Maven Central jars on the machine's JVM.
+#   deps          install missing tools + fetch the Kafka jars (idempotent)
+#   kafka-start   single-node KRaft broker+controller on loopback (idempotent)
+#   kafka-stop    stop it
+#   kafka-status  exit 0 if the broker answers
+#   kafka-tool CLASS ARGS...   run a Kafka CLI class, e.g.
+#                 kafka-tool org.apache.kafka.tools.TopicCommand --list --bootstrap-server 127.0.0.1:39092
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KAFKA_VERSION=${EDGECACHE_KAFKA_VERSION:-4.1.1}
+CACHE=${EDGECACHE_CACHE:-$HOME/.cache/edgecache}
+LIBS=$CACHE/kafka-$KAFKA_VERSION/libs
+RUN=${EDGECACHE_RUN:-/tmp/edgecache-run}
+KDIR=$RUN/kafka
+PORT=${EDGECACHE_KAFKA_PORT:-39092}
+CPORT=$((PORT + 1))
+PIDFILE=$KDIR/kafka.pid
+LOG=$KDIR/server.log
+# JVM output that escapes log4j (crash messages, GC errors) lands here.
+OUT=$KDIR/stdout.log
+
+log() { echo "services.sh: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+deps() {
+  # command -> Debian package; apt-get update only when something is missing,
+  # so a warm machine (CI reruns) pays nothing.
+  local missing=() cmd pkg
+  for pair in redis-server:redis-server mvn:maven java:openjdk-17-jre-headless \
+              cmake:cmake g++:g++ perl:perl make:make; do
+    cmd=${pair%%:*} pkg=${pair#*:}
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # Marker written last: a fetch interrupted halfway is redone, not trusted.
+  if [[ ! -f $LIBS/.complete ]]; then
+    log "fetching Kafka $KAFKA_VERSION jars into $LIBS"
+    rm -rf "$LIBS"; mkdir -p "$CACHE"
+    # Output kept aside: Debian's mvn 3.8 prints stray ANSI resets even with -q.
+    mvn -q -B -f "$ROOT/tests/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$LIBS" \
+      >"$CACHE/mvn.log" 2>&1 || { grep -m3 ERROR "$CACHE/mvn.log" >&2; die "fetching Kafka jars failed"; }
+    touch "$LIBS/.complete"
+  fi
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Pid from the pid file, only if that process is still our broker (pids recycle).
+broker_pid() {
+  local pid
+  [[ -f $PIDFILE ]] || return 1
+  pid=$(<"$PIDFILE")
+  grep -qa 'kafka\.Kafka' "/proc/$pid/cmdline" 2>/dev/null || return 1
+  echo "$pid"
+}
+
+# On failure show the broker's first errors (the tail is usually a stack trace).
+show_failure() {
+  { grep -m5 -E '\] (ERROR|FATAL) ' "$LOG" | cut -c1-400; tail -n 10 "$OUT"; } >&2 2>/dev/null || true
+  log "full log: $LOG"
+}
+
+java_cp() { java -cp "$LIBS/*" "$@"; }
+
+kafka_tool() {
+  [[ -f $LIBS/.complete ]] || die "Kafka jars missing: run '$0 deps'"
+  # CLI tools: log4j warnings to stderr only, so their stdout stays parseable.
+  java_cp -Xmx256m -XX:TieredStopAtLevel=1 -XX:+UseSerialGC \
+    -Dlog4j2.configurationFile="$ROOT/tests/kafka/log4j2-tools.properties" "$@"
+}
+
+kafka_start() {
+  if port_open "$PORT"; then log "Kafka already answering on 127.0.0.1:$PORT"; return 0; fi
+  [[ -f $LIBS/.complete ]] || die "Kafka jars missing: run '$0 deps'"
+  kafka_stop # a leftover broker that stopped answering would hold the data dir
+  rm -rf "$KDIR"
+  mkdir -p "$KDIR/data"
+
+  # Static controller.quorum.voters (not controller.quorum.bootstrap.servers):
+  # then `format` needs no --standalone/--initial-controllers flags.
+  cat >"$KDIR/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$CPORT
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$KDIR/data
+num.partitions=3
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=3
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=3
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+# Let compaction tests see the cleaner run within seconds.
+log.cleaner.backoff.ms=1000
+EOF
+  # Kafka 4 logs through log4j2 only: a log4j 1.x log4j.properties is ignored
+  # and the broker would log to the console. log4j2's properties format keeps
+  # this a plain heredoc.
+  cat >"$KDIR/log4j2.properties" <<EOF
+appender.f.type=File
+appender.f.name=F
+appender.f.fileName=$LOG
+appender.f.layout.type=PatternLayout
+appender.f.layout.pattern=[%d] %p %m (%c)%n
+rootLogger.level=INFO
+rootLogger.appenderRef.f.ref=F
+EOF
+
+  # Cluster id = 16 random bytes, url-safe base64 without padding: what
+  # `StorageTool random-uuid` prints, minus a JVM start. A leading '-' would be
+  # parsed as an option (Kafka's own generator skips those too).
+  local id=-
+  while [[ $id == -* ]]; do id=$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='); done
+  kafka_tool kafka.tools.StorageTool format -t "$id" -c "$KDIR/server.properties" >/dev/null
+
+  log "starting Kafka $KAFKA_VERSION on 127.0.0.1:$PORT (controller :$CPORT), $(java -version 2>&1 | head -1)"
+  log "classpath $LIBS/*, log $LOG"
+  local t0=$SECONDS
+  # setsid: the broker must outlive this script (and not get the caller's ^C).
+  # C1-only + serial GC: ~1 s faster start and no C2 threads fighting the
+  # tests for the 2 cores; a test broker needs no peak throughput.
+  # shellcheck disable=SC2086 # word-split the flags on purpose
+  nohup setsid java -cp "$LIBS/*" \
+    ${EDGECACHE_KAFKA_JVM_OPTS:--Xmx512m -Xms256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1} \
+    -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$KDIR/log4j2.properties" \
+    kafka.Kafka "$KDIR/server.properties" >"$OUT" 2>&1 </dev/null &
+  echo $! >"$PIDFILE"
+
+  # Port open is not enough: the socket server binds before the broker has
+  # caught up with the metadata log. "Kafka Server started" comes after that.
+  while ! { port_open "$PORT" && grep -q 'Kafka Server started' "$LOG" 2>/dev/null; }; do
+    if ! broker_pid >/dev/null; then
+      show_failure
+      die "Kafka exited during startup"
+    fi
+    if ((SECONDS - t0 >= 90)); then
+      show_failure
+      kafka_stop
+      die "Kafka not ready after 90 s"
+    fi
+    sleep 0.5
+  done
+  log "Kafka ready in $((SECONDS - t0)) s (pid $(<"$PIDFILE"))"
+}
+
+kafka_stop() {
+  local pid i
+  pid=$(broker_pid) || { rm -f "$PIDFILE"; return 0; }
+  kill -TERM "$pid" 2>/dev/null || true
+  # Controlled shutdown of a combined node normally takes a few seconds.
+  for ((i = 0; i < 60; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  if kill -0 "$pid" 2>/dev/null; then log "Kafka ignored SIGTERM, killing"; kill -KILL "$pid" 2>/dev/null || true; fi
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  rm -f "$PIDFILE"
+  log "Kafka stopped"
+}
+
+case ${1:-} in
+  deps) deps ;;
+  kafka-start) kafka_start ;;
+  kafka-stop) kafka_stop ;;
+  kafka-status) port_open "$PORT" ;;
+  kafka-tool) shift; kafka_tool "$@" ;;
+  *) echo "usage: $0 deps|kafka-start|kafka-stop|kafka-status|kafka-tool CLASS ARGS..." >&2; exit 2 ;;
+esac
