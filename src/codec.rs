@@ -35,6 +35,43 @@ pub enum Value {
     List(Vec<Value>),
     /// Keys keep their input order; duplicates are kept as given.
     Map(Vec<(String, Value)>),
+    /// `mantissa / 10^scale`, for JSON numbers with a short decimal form
+    /// (21.3 is 3 bytes here, 8 as a Float). Chosen only when the division
+    /// gives back exactly the same f64, so it is lossless.
+    Decimal { mantissa: i64, scale: u8 },
+}
+
+/// Largest scale tried; 10^15 and below are exact in f64, so encoder and
+/// decoder compute bit-identical results.
+const MAX_DECIMAL_SCALE: u8 = 15;
+
+impl Value {
+    /// The most compact exact representation of a float.
+    pub fn from_f64(f: f64) -> Value {
+        if f.is_finite() && f.abs() < 9.0e15 {
+            let mut power = 1.0_f64;
+            for scale in 0..=MAX_DECIMAL_SCALE {
+                let scaled = f * power;
+                if scaled.abs() >= 9.0e15 {
+                    break;
+                }
+                let mantissa = scaled.round();
+                if mantissa / power == f {
+                    return Value::Decimal {
+                        mantissa: mantissa as i64,
+                        scale,
+                    };
+                }
+                power *= 10.0;
+            }
+        }
+        Value::Float(f)
+    }
+}
+
+/// The f64 a Decimal stands for.
+pub fn decimal_to_f64(mantissa: i64, scale: u8) -> f64 {
+    mantissa as f64 / 10f64.powi(scale.min(MAX_DECIMAL_SCALE) as i32)
 }
 
 /// What is stored after the two header bytes in the postcard format.
@@ -211,7 +248,7 @@ fn from_json(json: serde_json::Value, depth: usize) -> Result<Value, DecodeError
         serde_json::Value::Number(n) => match n.as_i64() {
             Some(i) => Value::Int(i),
             // u64 beyond i64 and all fractions become floats, as in JavaScript.
-            None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            None => Value::from_f64(n.as_f64().unwrap_or(f64::NAN)),
         },
         serde_json::Value::String(s) => Value::String(s),
         serde_json::Value::Array(items) => Value::List(
@@ -252,6 +289,9 @@ fn to_json(value: &Value) -> Result<serde_json::Value, DecodeError> {
             .ok_or_else(|| DecodeError::Json(format!("{f} has no JSON form")))?,
         Value::String(s) => serde_json::Value::String(s.clone()),
         Value::Bytes(_) => return Err(DecodeError::BytesInJson),
+        Value::Decimal { mantissa, scale } => {
+            return to_json(&Value::Float(decimal_to_f64(*mantissa, *scale)))
+        }
         Value::List(items) => {
             serde_json::Value::Array(items.iter().map(to_json).collect::<Result<_, _>>()?)
         }
@@ -276,6 +316,9 @@ pub fn to_json_lossy(value: &Value) -> serde_json::Value {
             .unwrap_or(serde_json::Value::Null),
         Value::String(s) => serde_json::Value::String(s.clone()),
         Value::Bytes(b) => serde_json::Value::String(hex(b)),
+        Value::Decimal { mantissa, scale } => {
+            to_json_lossy(&Value::Float(decimal_to_f64(*mantissa, *scale)))
+        }
         Value::List(items) => serde_json::Value::Array(items.iter().map(to_json_lossy).collect()),
         Value::Map(fields) => serde_json::Value::Object(
             fields
@@ -356,6 +399,7 @@ mod tests {
             ("s".into(), Value::String("héllo".into())),
             ("y".into(), Value::Bytes(vec![0, 255])),
             ("l".into(), Value::List(vec![Value::Int(1), Value::Null])),
+            ("d".into(), Value::from_f64(-21.3)),
         ]);
         let mut out = Vec::new();
         encode_store(StoreFormat::Postcard, &value, b"", Some(-1), &mut out).unwrap();
@@ -365,6 +409,27 @@ mod tests {
         // The bare value is also what the postcard input format accepts.
         let bare = postcard::to_allocvec(&value).unwrap();
         assert_eq!(decode_input(InputFormat::Postcard, &bare).unwrap(), value);
+    }
+
+    #[test]
+    fn decimals_are_exact_and_compact() {
+        for f in [21.3, -0.1, 1e-7, 45.25, 123456.789, 0.30000000000000004, 1e300, 2.5e-300] {
+            let value = Value::from_f64(f);
+            let back = match value {
+                Value::Decimal { mantissa, scale } => decimal_to_f64(mantissa, scale),
+                Value::Float(g) => g,
+                ref other => panic!("{other:?}"),
+            };
+            assert_eq!(back.to_bits(), f.to_bits(), "{f} -> {value:?}");
+        }
+        assert_eq!(
+            Value::from_f64(21.3),
+            Value::Decimal {
+                mantissa: 213,
+                scale: 1
+            }
+        );
+        assert!(matches!(Value::from_f64(1e300), Value::Float(_)));
     }
 
     #[test]

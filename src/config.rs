@@ -116,6 +116,7 @@ pub const DERIVED_KAFKA_PROPERTIES: &[&str] = &[
     "fetch.max.bytes",
     "max.partition.fetch.bytes",
     "receive.message.max.bytes",
+    "message.max.bytes",
 ];
 
 /// A configuration problem, naming the file and the field.
@@ -321,8 +322,9 @@ impl Settings {
             ("group.id", format!("edgecache-{namespace}")),
             ("enable.auto.commit", "false".into()),
             ("enable.auto.offset.store", "false".into()),
-            // End-of-partition events tell the pipeline it has caught up.
-            ("enable.partition.eof", "true".into()),
+            // Catching up is judged from watermarks, which also cover
+            // partitions that never produce an event; EOF events are noise.
+            ("enable.partition.eof", "false".into()),
             // A stored offset below the log start (retention) or no offset at
             // all both mean: start from the oldest record still there.
             ("auto.offset.reset", "earliest".into()),
@@ -336,7 +338,9 @@ impl Settings {
                 "max.partition.fetch.bytes",
                 limits.max_partition_fetch_bytes.to_string(),
             ),
-            // librdkafka requires receive.message.max.bytes >= fetch.max.bytes + 512.
+            // librdkafka requires fetch.max.bytes >= message.max.bytes and
+            // receive.message.max.bytes >= fetch.max.bytes + 512.
+            ("message.max.bytes", limits.fetch_max_bytes.to_string()),
             (
                 "receive.message.max.bytes",
                 (limits.fetch_max_bytes + 512).to_string(),

@@ -40,8 +40,15 @@ pub struct SourceContext {
 
 impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if let KafkaError::Global(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) = error {
-            self.brokers_down.store(true, Ordering::Relaxed);
+        use rdkafka::types::RDKafkaErrorCode;
+        match error {
+            // End of partition is news, not an error (the pipeline asks for
+            // watermarks to know it caught up).
+            KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => return,
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown) => {
+                self.brokers_down.store(true, Ordering::Relaxed);
+            }
+            _ => {}
         }
         tracing::warn!(target: "librdkafka", "{error}: {reason}");
     }

@@ -1,0 +1,331 @@
+//! End-to-end tests against a real Kafka broker and real redis-servers.
+//! Each test has its own topic and its own Redis; the oracle is the last
+//! record per key that the test produced, and the check is the whole
+//! keyspace under the prefix (no missing, stale or extra key).
+
+mod util;
+
+use edgecache::codec::StoreFormat;
+use std::time::Duration;
+use util::*;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// Offsets the agent stored, summed over partitions: with one record per
+/// offset (no compaction yet), this is the number of records it has read.
+fn stored_offsets_sum(redis: &Redis, topic: &str) -> u64 {
+    redis
+        .hgetall("edgecache:offsets")
+        .iter()
+        .filter(|(field, _)| field.starts_with(&format!("{topic}/")))
+        .map(|(_, v)| v.parse::<u64>().unwrap())
+        .sum()
+}
+
+/// (a) Updates and tombstones on a 3-partition compacted topic converge,
+/// first from a backlog, then live. A key set then deleted within one batch
+/// ends deleted.
+#[test]
+fn a_updates_and_tombstones_converge() {
+    let topic = unique("a-updates");
+    create_topic(&topic, 3);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(0xa11ce);
+    producer.random_states(&mut rng, 3000, 200);
+    // Same key set then deleted back to back: lands in one batch.
+    producer.put("flip", Some(r#"{"x":1}"#));
+    producer.put("flip", None);
+    producer.flush();
+
+    let _agent = Agent::start(&config);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    assert!(!redis.dump("device:").contains_key(b"device:flip".as_slice()));
+
+    // Live: more records while the agent runs.
+    producer.random_states(&mut rng, 500, 200);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    wait_until(CONVERGE, "records counter to reach the total", || {
+        redis.status_counter("records") == producer.n_sent
+    });
+    assert_eq!(stored_offsets_sum(&redis, &topic), producer.n_sent);
+    wait_until(CONVERGE, "state live", || {
+        redis.hgetall("edgecache:status").get("state").map(String::as_str) == Some("live")
+    });
+}
+
+/// (b) Stop and restart: the agent resumes from the offsets stored in Redis.
+/// The records counter is written atomically with the offsets, so had the
+/// agent read from the start again it would exceed the number produced.
+#[test]
+fn b_restart_resumes_from_stored_offsets() {
+    let topic = unique("b-resume");
+    create_topic(&topic, 3);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(0xb0b);
+    producer.random_states(&mut rng, 2000, 300);
+
+    let mut agent = Agent::start(&config);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    wait_until(CONVERGE, "first run counted everything", || {
+        redis.status_counter("records") == producer.n_sent
+    });
+    let (status, took) = agent.sigterm();
+    assert!(status.success(), "exit status {status}");
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    let offsets_before = redis.hgetall("edgecache:offsets");
+
+    producer.random_states(&mut rng, 700, 300);
+    let agent = Agent::start(&config);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    wait_until(CONVERGE, "second run counted only new records", || {
+        redis.status_counter("records") >= producer.n_sent
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        redis.status_counter("records"),
+        producer.n_sent,
+        "records were applied more than once: the agent re-read from the start"
+    );
+    let log = agent.log_text();
+    assert!(log.contains("resuming from the offsets stored in Redis"), "{log}");
+    let offsets_after = redis.hgetall("edgecache:offsets");
+    for (field, before) in &offsets_before {
+        let after: u64 = offsets_after[field].parse().unwrap();
+        assert!(after >= before.parse().unwrap(), "{field} went back");
+    }
+}
+
+/// (c) SIGKILL mid-stream, several times, then restart: converges, and no
+/// record is counted twice (offsets and data are one atomic step).
+#[test]
+fn c_sigkill_mid_stream_converges() {
+    let topic = unique("c-kill");
+    create_topic(&topic, 3);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(redis.url(), &topic, "device:");
+    // Small batches: many transactions, so kills land between them.
+    config.extra_agent = "max_batch_records = 64".into();
+    let config = config.write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(0xc0ffee);
+    producer.random_states(&mut rng, 30_000, 2000);
+
+    let mut killed_mid_stream = 0;
+    for round in 0..4 {
+        let mut agent = Agent::start(&config);
+        let target = producer.n_sent * (round + 1) / 5;
+        wait_until(CONVERGE, "some progress before the kill", || {
+            redis.status_counter("records") >= target
+        });
+        if redis.status_counter("records") < producer.n_sent {
+            killed_mid_stream += 1;
+        }
+        agent.sigkill();
+        // More records arrive while the agent is down.
+        producer.random_states(&mut rng, 500, 2000);
+    }
+    assert!(killed_mid_stream >= 1, "every kill came after the end: test proves nothing");
+    let _agent = Agent::start(&config);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    wait_until(CONVERGE, "all records counted", || {
+        redis.status_counter("records") >= producer.n_sent
+    });
+    assert_eq!(redis.status_counter("records"), producer.n_sent);
+    assert_eq!(stored_offsets_sum(&redis, &topic), producer.n_sent);
+}
+
+/// (d) FLUSHALL while running: the agent notices by itself (no new records
+/// arrive), rehydrates from the earliest offsets, without a restart.
+#[test]
+fn d_flushall_rehydrates_without_restart() {
+    let topic = unique("d-flush");
+    create_topic(&topic, 3);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(0xd00d);
+    producer.random_states(&mut rng, 2000, 150);
+
+    let mut agent = Agent::start(&config);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    let _: () = redis::cmd("FLUSHALL").query(&mut redis.conn()).unwrap();
+    assert!(redis.dump("device:").is_empty());
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    assert!(agent.is_running(), "the agent must rehydrate without a restart");
+    assert!(agent.log_text().contains("rehydrating"));
+
+    // Redis restarted without persistence: same, and live records still flow.
+    let mut redis = redis;
+    redis.restart();
+    assert!(redis.dump("device:").is_empty());
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    producer.random_states(&mut rng, 300, 150);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    assert!(agent.is_running());
+}
+
+/// (e) Undecodable, keyless and oversize records are skipped and counted;
+/// everything around them is applied and offsets advance past them.
+#[test]
+fn e_bad_records_are_skipped_and_counted() {
+    let topic = unique("e-bad");
+    create_topic(&topic, 1);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(redis.url(), &topic, "device:");
+    // 4 MiB budget: values over 128 KiB are oversize.
+    config.extra_agent = "memory_budget_mib = 4".into();
+    let config = config.write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+
+    producer.put("good-1", Some(r#"{"v":1}"#));
+    producer.send(Some(b"broken"), Some(b"{not json"));
+    producer.put("good-2", Some(r#"{"v":2}"#));
+    producer.send(None, Some(br#"{"keyless":true}"#));
+    producer.put("good-3", Some(r#"{"v":3}"#));
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(200 * 1024));
+    producer.send(Some(b"huge"), Some(big.as_bytes()));
+    producer.send(Some(b"latin1"), Some(b"\xff\xfe"));
+    producer.put("good-4", Some(r#"{"v":4}"#));
+    producer.flush();
+
+    let agent = Agent::start(&config);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+    wait_until(CONVERGE, "offsets past the last record", || {
+        stored_offsets_sum(&redis, &topic) == producer.n_sent
+    });
+    assert_eq!(redis.status_counter("records"), 4);
+    assert_eq!(redis.status_counter("skipped_undecodable"), 2);
+    assert_eq!(redis.status_counter("skipped_no_key"), 1);
+    assert_eq!(redis.status_counter("skipped_oversize"), 1);
+    let log = agent.log_text();
+    assert!(
+        log.contains("skipping record") && log.contains(&format!("topic={topic}")),
+        "{log}"
+    );
+    assert!(log.contains("offset=1"), "log names the offset: {log}");
+}
+
+/// (f) Every store format, read back with `edgecache get`, over the unix
+/// socket; a missing key exits 1.
+#[test]
+fn f_store_formats_read_back_with_get() {
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(redis.unix_url(), "unused", "unused:");
+    config.topics.clear();
+    let value = r#"{"temp":21.5,"on":true,"tags":["a","b"],"n":-3}"#;
+    let mut producers = Vec::new();
+    for store in ["postcard", "json", "raw"] {
+        let topic = unique(&format!("f-{store}"));
+        create_topic(&topic, 2);
+        let mut producer = TestProducer::new(&topic);
+        producer.put("s1", Some(value));
+        producer.put("gone", Some(r#"{"v":0}"#));
+        producer.put("gone", None);
+        producer.flush();
+        config
+            .topics
+            .push((topic, format!("{store}:"), "json", store));
+        producers.push(producer);
+    }
+    let config = config.write(dir.path());
+    let _agent = Agent::start(&config);
+    for (store, producer) in [StoreFormat::Postcard, StoreFormat::Json, StoreFormat::Raw]
+        .into_iter()
+        .zip(&producers)
+    {
+        let prefix = format!("{store}:");
+        assert_converges(&redis, &prefix, store, producer, CONVERGE);
+        let key = format!("{store}:s1");
+        let (code, stdout, stderr) = run_cli(&["get", "--config", config.to_str().unwrap(), &key]);
+        assert_eq!(code, 0, "{stderr}");
+        let got: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(got, serde_json::from_str::<serde_json::Value>(value).unwrap());
+        let (code, _, stderr) =
+            run_cli(&["get", "--config", config.to_str().unwrap(), &format!("{store}:gone")]);
+        assert_eq!(code, 1, "a deleted key must exit 1: {stderr}");
+    }
+    // The raw format stores the producer's bytes exactly.
+    let raw = redis.dump("raw:");
+    assert_eq!(raw[b"raw:s1".as_slice()], value.as_bytes());
+    // Postcard keeps the record timestamp, shown by --meta.
+    let (code, stdout, _) = run_cli(&[
+        "get",
+        "--config",
+        config.to_str().unwrap(),
+        "--meta",
+        "postcard:s1",
+    ]);
+    assert_eq!(code, 0);
+    let meta: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(meta["ts_ms"].as_i64().unwrap() > 1_600_000_000_000, "{meta}");
+    // Postcard is the compact one.
+    assert!(redis.dump("postcard:")[b"postcard:s1".as_slice()].len() < value.len());
+}
+
+/// A bad configuration is rejected before anything connects, naming the field.
+#[test]
+fn bad_config_is_rejected_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\n\
+         [[topics]]\nname = \"t\"\nkey_prefix = \"edgecache:x\"\n",
+    )
+    .unwrap();
+    for command in ["check-config", "run"] {
+        let start = std::time::Instant::now();
+        let (code, _, stderr) = run_cli(&[command, "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 78, "{command}: {stderr}");
+        assert!(stderr.contains("topics[0].key_prefix"), "{stderr}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+    // An unknown librdkafka property is caught by check-config too.
+    std::fs::write(
+        &path,
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\n[kafka.properties]\n\"no.such.property\" = \"1\"\n\
+         [redis]\nurl = \"redis://127.0.0.1:1\"\n[[topics]]\nname = \"t\"\nkey_prefix = \"d:\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("no.such.property"), "{stderr}");
+}
+
+/// SIGTERM while Redis is unreachable and a batch is pending: the agent
+/// still exits within a few seconds, and nothing it had not applied is
+/// marked as applied (it converges after Redis returns).
+#[test]
+fn sigterm_while_redis_is_down_exits_promptly() {
+    let topic = unique("g-term");
+    create_topic(&topic, 1);
+    let mut redis = Redis::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(7);
+    producer.random_states(&mut rng, 100, 20);
+    let mut agent = Agent::start(&config);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+
+    redis.kill();
+    producer.random_states(&mut rng, 100, 20);
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, took) = agent.sigterm();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    redis.restart();
+    let _agent = Agent::start(&config);
+    assert_converges(&redis, "device:", StoreFormat::Postcard, &producer, CONVERGE);
+}

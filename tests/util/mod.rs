@@ -1,0 +1,501 @@
+//! Helpers for the end-to-end tests: a real redis-server per test, a real
+//! Kafka broker (started by `tests/services.sh kafka-start`, which the test
+//! command runs), a producer, the agent binary as a child process, and the
+//! oracle that compares Redis's whole keyspace under a prefix with what the
+//! records say it must be. A missing service fails the test; nothing skips.
+
+#![allow(dead_code)]
+
+use edgecache::codec::{self, StoreFormat};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn brokers() -> String {
+    let brokers =
+        std::env::var("EDGECACHE_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:39092".into());
+    let first = brokers.split(',').next().unwrap().to_owned();
+    if TcpStream::connect_timeout(&first.parse().unwrap(), Duration::from_secs(2)).is_err() {
+        panic!(
+            "Kafka broker not reachable at {brokers}. The end-to-end tests need a real broker: \
+             run `bash tests/services.sh deps && bash tests/services.sh kafka-start` \
+             (the README's test command does this)."
+        );
+    }
+    brokers
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Creates a compacted topic with `partitions` partitions.
+pub fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact");
+    let results = block_on(admin.create_topics(&[topic], &AdminOptions::new()))
+        .expect("create_topics request");
+    for result in results {
+        result.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+}
+
+/// A real producer; remembers what it sent so tests can build the oracle.
+pub struct TestProducer {
+    producer: BaseProducer,
+    topic: String,
+    /// key -> last value (None = tombstone), in send order per key.
+    pub last: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pub n_sent: u64,
+}
+
+impl TestProducer {
+    pub fn new(topic: &str) -> TestProducer {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("linger.ms", "5")
+            .set("message.max.bytes", "2000000")
+            .create()
+            .expect("producer");
+        TestProducer {
+            producer,
+            topic: topic.to_owned(),
+            last: BTreeMap::new(),
+            n_sent: 0,
+        }
+    }
+
+    /// Sends one record; `key` None sends a keyless record (not in the oracle).
+    pub fn send(&mut self, key: Option<&[u8]>, value: Option<&[u8]>) {
+        self.send_to(key, value, None);
+    }
+
+    pub fn send_to(&mut self, key: Option<&[u8]>, value: Option<&[u8]>, partition: Option<i32>) {
+        loop {
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            if let Some(value) = value {
+                record = record.payload(value);
+            }
+            if let Some(partition) = partition {
+                record = record.partition(partition);
+            }
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((e, _)) => {
+                    // Queue full: let librdkafka deliver, then retry.
+                    assert!(
+                        e.to_string().contains("Queue full"),
+                        "producing to {}: {e}",
+                        self.topic
+                    );
+                    self.producer.poll(Duration::from_millis(50));
+                }
+            }
+        }
+        self.n_sent += 1;
+        self.producer.poll(Duration::ZERO);
+    }
+
+    /// Sends a record that must end up in Redis (or delete its key).
+    pub fn put(&mut self, key: &str, value: Option<&str>) {
+        self.send(Some(key.as_bytes()), value.map(str::as_bytes));
+        self.last
+            .insert(key.as_bytes().to_vec(), value.map(|v| v.as_bytes().to_vec()));
+    }
+
+    pub fn flush(&self) {
+        self.producer
+            .flush(Duration::from_secs(30))
+            .expect("producer flush");
+    }
+
+    /// Random JSON device states over `n_keys` keys, ~10% tombstones.
+    pub fn random_states(&mut self, rng: &mut Rng, n_records: usize, n_keys: u64) {
+        for _ in 0..n_records {
+            let key = format!("sensor-{}", rng.below(n_keys));
+            if rng.below(10) == 0 {
+                self.put(&key, None);
+            } else {
+                let value = format!(
+                    r#"{{"temp":{}.{},"on":{},"fw":"1.{}","seq":{}}}"#,
+                    rng.below(40),
+                    rng.below(10),
+                    rng.below(2) == 1,
+                    rng.below(5),
+                    rng.below(1_000_000)
+                );
+                self.put(&key, Some(&value));
+            }
+        }
+        self.flush();
+    }
+}
+
+/// Small seeded generator so failures can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// A redis-server of our own on a free port and a unix socket, in a temp dir.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    aof: bool,
+}
+
+impl Redis {
+    pub fn start(aof: bool) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = spawn_redis(dir.path(), port, aof);
+        let redis = Redis {
+            child,
+            port,
+            dir,
+            aof,
+        };
+        redis.wait_ready();
+        redis
+    }
+
+    fn wait_ready(&self) {
+        wait_until(Duration::from_secs(10), "redis-server to answer", || {
+            self.try_conn().is_some()
+        });
+    }
+
+    /// SIGKILLs the server and starts it again on the same port and
+    /// directory: an AOF survives, a non-persistent Redis comes back empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_redis(self.dir.path(), self.port, self.aof);
+        self.wait_ready();
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn unix_url(&self) -> String {
+        format!("unix://{}", self.dir.path().join("redis.sock").display())
+    }
+
+    fn try_conn(&self) -> Option<redis::Connection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut conn = client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()?;
+        redis::cmd("PING").query::<String>(&mut conn).ok()?;
+        Some(conn)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        self.try_conn().expect("connect to the test redis-server")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Every key and its raw value under `prefix`, as one atomic snapshot
+    /// (a script), so a key deleted mid-scan cannot show up half-read.
+    pub fn dump(&self, prefix: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let script = redis::Script::new(
+            "local out = {} \
+             for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+               out[#out + 1] = k; out[#out + 1] = redis.call('GET', k) \
+             end return out",
+        );
+        let flat: Vec<Vec<u8>> = script
+            .arg(format!("{prefix}*"))
+            .invoke(&mut self.conn())
+            .unwrap();
+        flat.chunks(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect()
+    }
+
+    pub fn hgetall(&self, key: &str) -> BTreeMap<String, String> {
+        redis::cmd("HGETALL")
+            .arg(key)
+            .query(&mut self.conn())
+            .unwrap()
+    }
+
+    pub fn status_counter(&self, field: &str) -> u64 {
+        self.hgetall("edgecache:status")
+            .get(field)
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_redis(dir: &Path, port: u16, aof: bool) -> Child {
+    let socket = dir.join("redis.sock");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--unixsocket", socket.to_str().unwrap(), "--unixsocketperm", "700"])
+        .args(["--dir", dir.to_str().unwrap(), "--save", ""])
+        .args(["--appendonly", if aof { "yes" } else { "no" }])
+        .args(["--appendfsync", "always", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start redis-server ({e}): install it (apt-get install redis-server); the tests need a real Redis")
+        })
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What Redis must hold under `prefix` according to the records sent, with
+/// values in the topic's store format rendered as JSON for comparison.
+pub fn expected_json(prefix: &str, last: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> BTreeMap<Vec<u8>, serde_json::Value> {
+    last.iter()
+        .filter_map(|(k, v)| {
+            let v = v.as_ref()?;
+            let mut key = prefix.as_bytes().to_vec();
+            key.extend_from_slice(k);
+            Some((key, serde_json::from_slice(v).expect("test values are JSON")))
+        })
+        .collect()
+}
+
+pub fn actual_json(redis: &Redis, prefix: &str, store: StoreFormat) -> BTreeMap<Vec<u8>, serde_json::Value> {
+    redis
+        .dump(prefix)
+        .into_iter()
+        .map(|(k, v)| {
+            let (json, _) = codec::stored_to_json(store, &v).unwrap_or_else(|e| {
+                panic!("key {} holds bad {store} data: {e}", String::from_utf8_lossy(&k))
+            });
+            (k, json)
+        })
+        .collect()
+}
+
+/// Waits until the keyspace under `prefix` equals the oracle exactly (no
+/// missing, stale or extra key); on timeout, prints the first differences.
+pub fn assert_converges(redis: &Redis, prefix: &str, store: StoreFormat, producer: &TestProducer, timeout: Duration) {
+    let expected = expected_json(prefix, &producer.last);
+    let start = Instant::now();
+    loop {
+        let actual = actual_json(redis, prefix, store);
+        if actual == expected {
+            return;
+        }
+        if start.elapsed() > timeout {
+            let mut diffs = Vec::new();
+            for (k, v) in &expected {
+                match actual.get(k) {
+                    None => diffs.push(format!("missing {}", String::from_utf8_lossy(k))),
+                    Some(a) if a != v => diffs.push(format!(
+                        "stale {}: expected {v}, got {a}",
+                        String::from_utf8_lossy(k)
+                    )),
+                    _ => {}
+                }
+            }
+            for k in actual.keys().filter(|k| !expected.contains_key(*k)) {
+                diffs.push(format!("extra {}", String::from_utf8_lossy(k)));
+            }
+            panic!(
+                "Redis did not converge to the oracle within {timeout:?}: {} expected keys, {} actual, {} differences; first: {:#?}",
+                expected.len(),
+                actual.len(),
+                diffs.len(),
+                &diffs[..diffs.len().min(10)]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A config file for the agent.
+pub struct AgentConfig {
+    pub redis_url: String,
+    pub topics: Vec<(String, String, &'static str, &'static str)>,
+    pub extra_agent: String,
+}
+
+impl AgentConfig {
+    pub fn new(redis_url: String, topic: &str, prefix: &str) -> AgentConfig {
+        AgentConfig {
+            redis_url,
+            topics: vec![(topic.to_owned(), prefix.to_owned(), "json", "postcard")],
+            extra_agent: String::new(),
+        }
+    }
+
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let mut text = format!(
+            "[agent]\n{}\n[kafka]\nbrokers = \"{}\"\n[redis]\nurl = \"{}\"\n",
+            self.extra_agent,
+            brokers(),
+            self.redis_url
+        );
+        for (name, prefix, input, store) in &self.topics {
+            text.push_str(&format!(
+                "[[topics]]\nname = \"{name}\"\nkey_prefix = \"{prefix}\"\ninput = \"{input}\"\nstore = \"{store}\"\n"
+            ));
+        }
+        let path = dir.join(format!("{}.toml", unique("agent")));
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        path
+    }
+}
+
+/// The agent binary as a child process, its log in a file.
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_edgecache")
+}
+
+impl Agent {
+    pub fn start(config: &Path) -> Agent {
+        let log = config.with_extension(format!("{}.log", unique("run")));
+        let child = Command::new(bin())
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("EDGECACHE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the edgecache binary");
+        Agent {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    pub fn sigkill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the time the agent took to exit.
+    pub fn sigterm(&mut self) -> (ExitStatus, Duration) {
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                child.kill().unwrap();
+                panic!("agent ignored SIGTERM for 30 s; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("---- agent log tail ({}) ----", self.log.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Runs `edgecache ARGS...` to completion.
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
