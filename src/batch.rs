@@ -206,7 +206,10 @@ mod tests {
     #[test]
     fn caps_on_records_and_bytes() {
         let mut batch = Batch::new(2, 10);
-        assert!(!batch.is_full_for(100, 100), "an empty batch takes anything");
+        assert!(
+            !batch.is_full_for(100, 100),
+            "an empty batch takes anything"
+        );
         batch.put((0, 0), 0, b"k1".to_vec(), set("vvv"));
         assert!(batch.is_full_for(2, 4), "5 + 6 bytes > 10");
         assert!(!batch.is_full_for(2, 3));

@@ -4,7 +4,7 @@ use crate::codec;
 use crate::config::{mask_url_password, Settings};
 use crate::sink::Sink;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Exit code for a configuration error (sysexits' EX_CONFIG); the systemd
@@ -12,7 +12,11 @@ use std::process::ExitCode;
 pub const EXIT_CONFIG: u8 = 78;
 
 #[derive(Debug, Parser)]
-#[command(name = "edgecache", version, about = "Mirror Kafka compacted topics into a local Redis")]
+#[command(
+    name = "edgecache",
+    version,
+    about = "Mirror Kafka compacted topics into a local Redis"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -65,11 +69,12 @@ pub fn init_logging() {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).init();
     } else {
-        builder.init();
+        use std::io::IsTerminal;
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }
 
-fn load(config: &PathBuf) -> Result<Settings, ExitCode> {
+fn load(config: &Path) -> Result<Settings, ExitCode> {
     Settings::load(config)
         .and_then(|settings| {
             crate::source::check_properties(&settings.kafka_properties).map_err(|e| {

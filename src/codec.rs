@@ -38,7 +38,10 @@ pub enum Value {
     /// `mantissa / 10^scale`, for JSON numbers with a short decimal form
     /// (21.3 is 3 bytes here, 8 as a Float). Chosen only when the division
     /// gives back exactly the same f64, so it is lossless.
-    Decimal { mantissa: i64, scale: u8 },
+    Decimal {
+        mantissa: i64,
+        scale: u8,
+    },
 }
 
 /// Largest scale tried; 10^15 and below are exact in f64, so encoder and
@@ -151,8 +154,8 @@ pub fn decode_input(format: InputFormat, payload: &[u8]) -> Result<Value, Decode
             from_json(json, 0)
         }
         InputFormat::Postcard => {
-            let value: Value = postcard::from_bytes(payload)
-                .map_err(|e| DecodeError::Postcard(e.to_string()))?;
+            let value: Value =
+                postcard::from_bytes(payload).map_err(|e| DecodeError::Postcard(e.to_string()))?;
             check_depth(&value, 0)?;
             Ok(value)
         }
@@ -272,7 +275,9 @@ fn check_depth(value: &Value, depth: usize) -> Result<(), DecodeError> {
     }
     match value {
         Value::List(items) => items.iter().try_for_each(|v| check_depth(v, depth + 1)),
-        Value::Map(fields) => fields.iter().try_for_each(|(_, v)| check_depth(v, depth + 1)),
+        Value::Map(fields) => fields
+            .iter()
+            .try_for_each(|(_, v)| check_depth(v, depth + 1)),
         _ => Ok(()),
     }
 }
@@ -332,10 +337,12 @@ pub fn to_json_lossy(value: &Value) -> serde_json::Value {
 /// Lowercase hex, used for binary values and in log lines about bad keys.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -353,7 +360,14 @@ mod tests {
     fn store_postcard(json: &str, ts_ms: Option<i64>) -> Vec<u8> {
         let value = decode_input(InputFormat::Json, json.as_bytes()).unwrap();
         let mut out = Vec::new();
-        encode_store(StoreFormat::Postcard, &value, json.as_bytes(), ts_ms, &mut out).unwrap();
+        encode_store(
+            StoreFormat::Postcard,
+            &value,
+            json.as_bytes(),
+            ts_ms,
+            &mut out,
+        )
+        .unwrap();
         out
     }
 
@@ -413,7 +427,16 @@ mod tests {
 
     #[test]
     fn decimals_are_exact_and_compact() {
-        for f in [21.3, -0.1, 1e-7, 45.25, 123456.789, 0.30000000000000004, 1e300, 2.5e-300] {
+        for f in [
+            21.3,
+            -0.1,
+            1e-7,
+            45.25,
+            123456.789,
+            0.30000000000000004,
+            1e300,
+            2.5e-300,
+        ] {
             let value = Value::from_f64(f);
             let back = match value {
                 Value::Decimal { mantissa, scale } => decimal_to_f64(mantissa, scale),

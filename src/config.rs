@@ -117,6 +117,7 @@ pub const DERIVED_KAFKA_PROPERTIES: &[&str] = &[
     "max.partition.fetch.bytes",
     "receive.message.max.bytes",
     "message.max.bytes",
+    "statistics.interval.ms",
 ];
 
 /// A configuration problem, naming the file and the field.
@@ -253,7 +254,10 @@ impl Settings {
         }
 
         if config.topics.is_empty() {
-            return Err(err("topics", "at least one [[topics]] entry is needed".into()));
+            return Err(err(
+                "topics",
+                "at least one [[topics]] entry is needed".into(),
+            ));
         }
         let mut topics = Vec::with_capacity(config.topics.len());
         for (i, topic) in config.topics.iter().enumerate() {
@@ -333,6 +337,9 @@ impl Settings {
                 limits.queued_max_messages_kbytes.to_string(),
             ),
             ("queued.min.messages", "10000".into()),
+            // Statistics carry each partition's watermarks from librdkafka's
+            // own fetches: lag and "caught up" without extra requests.
+            ("statistics.interval.ms", "1000".into()),
             ("fetch.max.bytes", limits.fetch_max_bytes.to_string()),
             (
                 "max.partition.fetch.bytes",
@@ -377,7 +384,11 @@ impl Settings {
         out.push_str(&toml::to_string_pretty(&self.limits).expect("limits serialise as TOML"));
         out.push_str("\n# Final librdkafka consumer properties:\n[derived.librdkafka]\n");
         for (key, value) in &self.kafka_properties {
-            let value = if is_secret_property(key) { "***" } else { value };
+            let value = if is_secret_property(key) {
+                "***"
+            } else {
+                value
+            };
             out.push_str(&format!("{:?} = {:?}\n", key, value));
         }
         out
@@ -439,7 +450,10 @@ key_prefix = "device:"
         assert_eq!(limits.memory_budget_bytes, 32 << 20);
         assert_eq!(limits.queued_max_messages_kbytes, 8 << 10);
         assert_eq!(limits.max_value_bytes, 1 << 20);
-        assert_eq!(settings.kafka_properties["queued.max.messages.kbytes"], "8192");
+        assert_eq!(
+            settings.kafka_properties["queued.max.messages.kbytes"],
+            "8192"
+        );
         assert_eq!(
             settings.kafka_properties["receive.message.max.bytes"],
             ((4 << 20) + 512).to_string()
@@ -490,14 +504,16 @@ key_prefix = "device:"
             "kafka.properties.fetch.max.bytes"
         );
         assert_eq!(
-            error_field(&MINIMAL.replace("key_prefix = \"device:\"", "key_prefix = \"d:\"\ninput = \"raw\"\nstore = \"json\"")),
+            error_field(&MINIMAL.replace(
+                "key_prefix = \"device:\"",
+                "key_prefix = \"d:\"\ninput = \"raw\"\nstore = \"json\""
+            )),
             "topics[0].store"
         );
         // Unknown fields (typos) are errors, not silently ignored.
         let e = parse(&MINIMAL.replace("[redis]", "[redis]\nnamepsace = \"x\"")).unwrap_err();
         assert!(e.message.contains("namepsace"), "{e}");
-        let e = parse(&MINIMAL.replace("key_prefix", "inptu = \"json\"\nkey_prefix"))
-            .unwrap_err();
+        let e = parse(&MINIMAL.replace("key_prefix", "inptu = \"json\"\nkey_prefix")).unwrap_err();
         assert_eq!(e.field, "(syntax)");
     }
 
@@ -507,7 +523,10 @@ key_prefix = "device:"
             mask_url_password("redis://app:s3cret@127.0.0.1:6379/0"),
             "redis://app:***@127.0.0.1:6379/0"
         );
-        assert_eq!(mask_url_password("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        assert_eq!(
+            mask_url_password("unix:///run/redis.sock"),
+            "unix:///run/redis.sock"
+        );
         let text = MINIMAL
             .replace("127.0.0.1:6379", "u:hunter2@127.0.0.1:6379")
             .replace(

@@ -17,11 +17,12 @@ use crate::codec;
 use crate::config::{Settings, MAX_KEY_BYTES};
 use crate::sink::{Sink, SinkError};
 use crate::source::{Event, Incoming, Source, SourceError};
+use futures_util::FutureExt;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How often the idle checks run: marker still there (G4), partitions,
 /// caught-up state, Kafka reachability.
@@ -103,6 +104,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         records_since_start: 0,
         last_apply: Instant::now(),
         last_discover: Instant::now(),
+        discovering: None,
         bad_logged: 0,
         bad_suppressed: 0,
         bad_window: Instant::now(),
@@ -130,6 +132,7 @@ struct Pipeline<'s> {
     records_since_start: u64,
     last_apply: Instant,
     last_discover: Instant,
+    discovering: Option<tokio::task::JoinHandle<Result<Vec<PartitionId>, SourceError>>>,
     bad_logged: u32,
     bad_suppressed: u64,
     bad_window: Instant,
@@ -293,6 +296,9 @@ impl Pipeline<'_> {
     }
 
     async fn handle_record(&mut self, source: &Source, incoming: Incoming<'_>) -> Flow {
+        if source.brokers_down() {
+            source.mark_reachable();
+        }
         let partition = incoming.partition();
         let offset = incoming.offset();
         match self.positions.get(&partition) {
@@ -312,7 +318,12 @@ impl Pipeline<'_> {
         let op = match incoming.payload() {
             None => Op::Delete,
             Some(payload) if payload.len() > self.settings.limits.max_value_bytes => {
-                return self.skip(partition, offset, SkipReason::Oversize, "value over the size cap")
+                return self.skip(
+                    partition,
+                    offset,
+                    SkipReason::Oversize,
+                    "value over the size cap",
+                )
             }
             Some(payload) => {
                 let encoded = codec::decode_input(topic.input, payload).and_then(|value| {
@@ -353,7 +364,10 @@ impl Pipeline<'_> {
         self.batch.skip(partition, offset, reason);
         if self.bad_window.elapsed() > BAD_RECORD_LOG_WINDOW {
             if self.bad_suppressed > 0 {
-                warn!(n = self.bad_suppressed, "more bad records skipped (not logged one by one)");
+                warn!(
+                    n = self.bad_suppressed,
+                    "more bad records skipped (not logged one by one)"
+                );
             }
             self.bad_window = Instant::now();
             self.bad_logged = 0;
@@ -383,6 +397,7 @@ impl Pipeline<'_> {
         }
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
+            let started = Instant::now();
             let mut stop = self.stop.clone();
             let result = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return Flow::Stop,
@@ -390,6 +405,12 @@ impl Pipeline<'_> {
             };
             match result {
                 Ok(()) => {
+                    debug!(
+                        n_ops = self.batch.n_ops(),
+                        n_records = self.batch.counts().records,
+                        micros = started.elapsed().as_micros() as u64,
+                        "applied"
+                    );
                     for (&partition, &next) in self.batch.next_offsets() {
                         self.positions.insert(partition, Start::At(next));
                     }
@@ -436,6 +457,7 @@ impl Pipeline<'_> {
         if let Err(e) = source.assign(&starts) {
             error!("{e}");
         }
+        source.forget_watermarks();
         self.caught_up = false;
         self.catch_up_started = Instant::now();
         self.records_since_start = 0;
@@ -466,70 +488,90 @@ impl Pipeline<'_> {
                 }
             }
         }
-        if self.last_discover.elapsed() >= DISCOVER_EVERY {
-            self.discover_new(source).await;
-        }
+        self.discover_new(source);
         if source.brokers_down() && self.state != State::RedisUnreachable {
             if self.state != State::KafkaUnreachable {
                 warn!("Kafka unreachable: Redis keeps serving the last state; reconnecting");
             }
             self.state = State::KafkaUnreachable;
-        } else if !self.caught_up && self.batch.is_empty() {
-            self.check_caught_up(source).await;
+        } else {
+            if self.state == State::KafkaUnreachable {
+                info!("Kafka reachable again");
+                self.state = if self.caught_up {
+                    State::Live
+                } else {
+                    State::CatchingUp
+                };
+            }
+            if !self.caught_up && self.batch.is_empty() {
+                self.check_caught_up(source);
+            }
         }
         self.write_state().await;
         Flow::Continue
     }
 
     /// Adds partitions that appeared since the last look (a topic grew or was
-    /// created after start).
-    async fn discover_new(&mut self, source: &Source) {
-        self.last_discover = Instant::now();
-        let Ok(found) = source.discover().await else {
-            return;
-        };
-        let new: Vec<(PartitionId, Start)> = found
-            .into_iter()
-            .filter(|p| !self.positions.contains_key(p))
-            .map(|p| (p, self.stored.start(p.0, p.1)))
-            .collect();
-        if new.is_empty() {
-            return;
-        }
-        info!(n_partitions = new.len(), "new partitions found; assigning");
-        match source.add(&new) {
-            Ok(()) => {
-                self.positions.extend(new);
-                self.caught_up = false;
+    /// created after start). Metadata is read in the background; this only
+    /// starts a request or takes the answer of the previous one.
+    fn discover_new(&mut self, source: &Source) {
+        match self.discovering.take() {
+            None => {
+                if self.last_discover.elapsed() >= DISCOVER_EVERY {
+                    self.discovering = Some(source.discover_task());
+                }
             }
-            Err(e) => error!("{e}"),
+            Some(handle) if !handle.is_finished() => self.discovering = Some(handle),
+            Some(handle) => {
+                self.last_discover = Instant::now();
+                // The task has finished, so this does not wait.
+                let Some(Ok(Ok(found))) = handle.now_or_never() else {
+                    return;
+                };
+                source.mark_reachable();
+                let new: Vec<(PartitionId, Start)> = found
+                    .into_iter()
+                    .filter(|p| !self.positions.contains_key(p))
+                    .map(|p| (p, self.stored.start(p.0, p.1)))
+                    .collect();
+                if new.is_empty() {
+                    return;
+                }
+                info!(n_partitions = new.len(), "new partitions found; assigning");
+                match source.add(&new) {
+                    Ok(()) => {
+                        self.positions.extend(new);
+                        self.caught_up = false;
+                    }
+                    Err(e) => error!("{e}"),
+                }
+            }
         }
     }
 
-    /// Caught up when every partition's next offset reached the high
-    /// watermark Kafka reports (empty partitions count as caught up).
-    async fn check_caught_up(&mut self, source: &Source) {
+    /// Caught up when, for every partition, Redis holds everything up to the
+    /// high watermark librdkafka last saw. Empty partitions count as caught
+    /// up, and so does a partition whose librdkafka position passed the
+    /// watermark with nothing queued (trailing transaction markers occupy
+    /// offsets but never reach us).
+    fn check_caught_up(&mut self, source: &Source) {
         let partitions: Vec<PartitionId> = self.positions.keys().copied().collect();
         if partitions.is_empty() {
             return;
         }
-        let mut stop = self.stop.clone();
-        let marks = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            marks = source.watermarks(partitions) => marks,
-        };
-        let Ok(marks) = marks else {
+        let marks = source.watermarks(&partitions);
+        if marks.len() < partitions.len() {
             return;
-        };
-        source.mark_reachable();
-        let behind = marks.iter().any(|(p, mark)| match self.positions.get(p) {
-            Some(Start::At(next)) => *next < mark.high,
-            _ => mark.low < mark.high,
+        }
+        let behind = marks.iter().any(|(p, mark)| {
+            let applied_all = match self.positions.get(p) {
+                Some(Start::At(next)) => *next >= mark.high,
+                _ => mark.low >= mark.high,
+            };
+            let nothing_left = mark.app_offset >= mark.high && mark.queued == 0;
+            !(applied_all || nothing_left)
         });
         if behind {
-            if self.state == State::KafkaUnreachable {
-                self.state = State::CatchingUp;
-            }
             return;
         }
         let seconds = self.catch_up_started.elapsed().as_secs_f64();
@@ -573,8 +615,7 @@ impl Pipeline<'_> {
     /// again after the restart and nothing is lost.
     async fn shutdown(&mut self) {
         if !self.batch.is_empty() && !self.stopping_hard() {
-            match tokio::time::timeout(Duration::from_secs(2), self.sink.apply(&self.batch)).await
-            {
+            match tokio::time::timeout(Duration::from_secs(2), self.sink.apply(&self.batch)).await {
                 Ok(Ok(())) => info!("applied the last batch"),
                 _ => info!("abandoned the in-flight batch; it is read again after restart"),
             }

@@ -9,9 +9,8 @@
 
 use crate::batch::PartitionId;
 use crate::checkpoint::Start;
-use futures_util::FutureExt;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -19,9 +18,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 /// How long a metadata or watermark request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait without looking at librdkafka's queue. The queue's
+/// "became non-empty" callback is edge-triggered and can be missed (see
+/// rust-rdkafka#665); this bounds the cost of a missed edge.
+const POLL_FALLBACK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -31,14 +35,46 @@ pub enum SourceError {
     Request(String),
 }
 
-/// Receives librdkafka's global errors; remembers whether brokers are down
-/// so the pipeline can report `kafka-unreachable`.
+/// Receives librdkafka's global errors and statistics: remembers whether
+/// brokers are down (for `kafka-unreachable`) and the latest per-partition
+/// watermarks librdkafka learnt from its own fetch responses, so lag and
+/// "caught up" cost no extra broker request. (A ListOffsets request would
+/// queue behind a fetch the broker holds for `fetch.wait.max.ms` and stall
+/// the loop.)
 #[derive(Debug, Default)]
 pub struct SourceContext {
     brokers_down: AtomicBool,
+    marks: std::sync::Mutex<BTreeMap<(String, i32), Watermarks>>,
 }
 
 impl ClientContext for SourceContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, topic) in statistics.topics {
+            for (id, p) in topic.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; offsets
+                // below 0 mean "not known yet" (-1001).
+                if id < 0 || p.hi_offset < 0 {
+                    continue;
+                }
+                let high = if p.ls_offset >= 0 {
+                    p.ls_offset
+                } else {
+                    p.hi_offset
+                };
+                marks.insert(
+                    (name.clone(), id),
+                    Watermarks {
+                        low: p.lo_offset.max(0),
+                        high,
+                        app_offset: p.app_offset,
+                        queued: p.fetchq_cnt.max(0) as u64,
+                    },
+                );
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         use rdkafka::types::RDKafkaErrorCode;
         match error {
@@ -56,7 +92,7 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {}
 
-type Inner = StreamConsumer<SourceContext>;
+type Inner = BaseConsumer<SourceContext>;
 
 /// One record as read from Kafka, borrowed from librdkafka's buffer.
 #[derive(Debug)]
@@ -94,14 +130,26 @@ pub enum Event<'a> {
     Error(String),
 }
 
+/// What librdkafka last knew of a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Watermarks {
+    /// Oldest offset still in the log.
     pub low: i64,
+    /// Offset after the last readable record (last stable offset when known).
     pub high: i64,
+    /// librdkafka's position: next offset it will hand to us (past control
+    /// records too, which never reach us).
+    pub app_offset: i64,
+    /// Records prefetched and waiting in librdkafka's queue.
+    pub queued: u64,
 }
 
 pub struct Source {
     consumer: Arc<Inner>,
+    /// Signalled by librdkafka when its queue becomes non-empty. A `Notify`
+    /// keeps the signal as a permit when nobody waits yet, so an edge that
+    /// fires while the pipeline is busy writing to Redis is not lost.
+    wake: Arc<Notify>,
     topic_names: Arc<Vec<String>>,
 }
 
@@ -123,11 +171,15 @@ impl Source {
         for (key, value) in properties {
             config.set(key, value);
         }
-        let consumer: Inner = config
+        let mut consumer: Inner = config
             .create_with_context(SourceContext::default())
             .map_err(|e| SourceError::Config(e.to_string()))?;
+        let wake = Arc::new(Notify::new());
+        let waker = wake.clone();
+        consumer.set_nonempty_callback(move || waker.notify_one());
         Ok(Source {
             consumer: Arc::new(consumer),
+            wake,
             topic_names: Arc::new(topic_names),
         })
     }
@@ -149,9 +201,21 @@ impl Source {
     /// that does not exist (yet) has none; the caller asks again later.
     /// Runs on tokio's blocking pool: librdkafka's call blocks.
     pub async fn discover(&self) -> Result<Vec<PartitionId>, SourceError> {
+        let found = self
+            .discover_task()
+            .await
+            .map_err(|e| SourceError::Request(e.to_string()))??;
+        self.mark_reachable();
+        Ok(found)
+    }
+
+    /// Starts reading metadata in the background; the pipeline checks the
+    /// handle on later ticks instead of waiting (a metadata request can
+    /// queue behind a long-polling fetch).
+    pub fn discover_task(&self) -> tokio::task::JoinHandle<Result<Vec<PartitionId>, SourceError>> {
         let consumer = self.consumer.clone();
         let names = self.topic_names.clone();
-        let found = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut found = Vec::new();
             for (topic_idx, name) in names.iter().enumerate() {
                 let metadata = consumer
@@ -166,10 +230,6 @@ impl Source {
             }
             Ok(found)
         })
-        .await
-        .map_err(|e| SourceError::Request(e.to_string()))??;
-        self.mark_reachable();
-        Ok(found)
     }
 
     fn list(&self, starts: &[(PartitionId, Start)]) -> Result<TopicPartitionList, SourceError> {
@@ -202,37 +262,55 @@ impl Source {
             .map_err(|e| SourceError::Request(e.to_string()))
     }
 
-    /// Low and high watermarks of the given partitions (blocking pool).
-    pub async fn watermarks(
-        &self,
-        partitions: Vec<PartitionId>,
-    ) -> Result<Vec<(PartitionId, Watermarks)>, SourceError> {
-        let consumer = self.consumer.clone();
-        let names = self.topic_names.clone();
-        tokio::task::spawn_blocking(move || {
-            partitions
-                .into_iter()
-                .map(|(topic_idx, partition)| {
-                    let (low, high) = consumer
-                        .fetch_watermarks(&names[topic_idx], partition, REQUEST_TIMEOUT)
-                        .map_err(|e| SourceError::Request(e.to_string()))?;
-                    Ok(((topic_idx, partition), Watermarks { low, high }))
-                })
-                .collect()
-        })
-        .await
-        .map_err(|e| SourceError::Request(e.to_string()))?
+    /// The latest watermarks librdkafka reported for the given partitions
+    /// (statistics every second); partitions with none yet are left out.
+    pub fn watermarks(&self, partitions: &[PartitionId]) -> Vec<(PartitionId, Watermarks)> {
+        let marks = self
+            .consumer
+            .context()
+            .marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        partitions
+            .iter()
+            .filter_map(|&(topic_idx, partition)| {
+                let mark = marks.get(&(self.topic_names[topic_idx].clone(), partition))?;
+                Some(((topic_idx, partition), *mark))
+            })
+            .collect()
     }
 
-    /// Waits for the next event.
+    /// Forgets watermarks, e.g. after a reassignment, so stale statistics
+    /// cannot declare a rehydrate caught up.
+    pub fn forget_watermarks(&self) {
+        self.consumer
+            .context()
+            .marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Waits for the next event. Cancellation safe: nothing is taken from
+    /// librdkafka until it is returned.
     pub async fn recv(&self) -> Event<'_> {
-        self.event(self.consumer.recv().await)
+        loop {
+            if let Some(event) = self.try_recv() {
+                return event;
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(POLL_FALLBACK) => {}
+            }
+        }
     }
 
     /// The next event if librdkafka already has one buffered; never waits.
     /// This is what makes batching adaptive: take what is there, then flush.
     pub fn try_recv(&self) -> Option<Event<'_>> {
-        self.consumer.recv().now_or_never().map(|r| self.event(r))
+        self.consumer
+            .poll(Duration::ZERO)
+            .map(|result| self.event(result))
     }
 
     fn event<'a>(&self, result: Result<BorrowedMessage<'a>, KafkaError>) -> Event<'a> {

@@ -10,12 +10,14 @@ use edgecache::codec::{self, StoreFormat};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub fn brokers() -> String {
@@ -51,12 +53,18 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// Creates a compacted topic with `partitions` partitions.
 pub fn create_topic(name: &str, partitions: i32) {
+    create_topic_with(name, partitions, "compact");
+}
+
+/// Creates a topic with the given cleanup.policy (a compacted topic's broker
+/// rejects keyless records, so tests of those use "delete").
+pub fn create_topic_with(name: &str, partitions: i32, cleanup_policy: &str) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .expect("admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1))
-        .set("cleanup.policy", "compact");
+        .set("cleanup.policy", cleanup_policy);
     let results = block_on(admin.create_topics(&[topic], &AdminOptions::new()))
         .expect("create_topics request");
     for result in results {
@@ -64,9 +72,27 @@ pub fn create_topic(name: &str, partitions: i32) {
     }
 }
 
+/// Records delivery failures: a record the broker never took must fail the
+/// test, or the oracle would expect it.
+#[derive(Default)]
+pub struct DeliveryCheck {
+    failures: Mutex<Vec<String>>,
+}
+
+impl ClientContext for DeliveryCheck {}
+
+impl ProducerContext for DeliveryCheck {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failures.lock().unwrap().push(e.to_string());
+        }
+    }
+}
+
 /// A real producer; remembers what it sent so tests can build the oracle.
 pub struct TestProducer {
-    producer: BaseProducer,
+    producer: BaseProducer<DeliveryCheck>,
     topic: String,
     /// key -> last value (None = tombstone), in send order per key.
     pub last: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -75,11 +101,13 @@ pub struct TestProducer {
 
 impl TestProducer {
     pub fn new(topic: &str) -> TestProducer {
-        let producer: BaseProducer = ClientConfig::new()
+        let producer: BaseProducer<DeliveryCheck> = ClientConfig::new()
             .set("bootstrap.servers", brokers())
             .set("linger.ms", "5")
             .set("message.max.bytes", "2000000")
-            .create()
+            // Per-key order must hold for the oracle, retries or not.
+            .set("enable.idempotence", "true")
+            .create_with_context(DeliveryCheck::default())
             .expect("producer");
         TestProducer {
             producer,
@@ -126,14 +154,24 @@ impl TestProducer {
     /// Sends a record that must end up in Redis (or delete its key).
     pub fn put(&mut self, key: &str, value: Option<&str>) {
         self.send(Some(key.as_bytes()), value.map(str::as_bytes));
-        self.last
-            .insert(key.as_bytes().to_vec(), value.map(|v| v.as_bytes().to_vec()));
+        self.last.insert(
+            key.as_bytes().to_vec(),
+            value.map(|v| v.as_bytes().to_vec()),
+        );
     }
 
     pub fn flush(&self) {
         self.producer
             .flush(Duration::from_secs(30))
             .expect("producer flush");
+        let failures = self.producer.context().failures.lock().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} records were not delivered to {}: {:?}",
+            failures.len(),
+            self.topic,
+            &failures[..failures.len().min(3)]
+        );
     }
 
     /// Random JSON device states over `n_keys` keys, ~10% tombstones.
@@ -249,7 +287,9 @@ impl Redis {
             .arg(format!("{prefix}*"))
             .invoke(&mut self.conn())
             .unwrap();
-        flat.chunks(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect()
+        flat.chunks(2)
+            .map(|kv| (kv[0].clone(), kv[1].clone()))
+            .collect()
     }
 
     pub fn hgetall(&self, key: &str) -> BTreeMap<String, String> {
@@ -310,24 +350,37 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
 
 /// What Redis must hold under `prefix` according to the records sent, with
 /// values in the topic's store format rendered as JSON for comparison.
-pub fn expected_json(prefix: &str, last: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> BTreeMap<Vec<u8>, serde_json::Value> {
+pub fn expected_json(
+    prefix: &str,
+    last: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+) -> BTreeMap<Vec<u8>, serde_json::Value> {
     last.iter()
         .filter_map(|(k, v)| {
             let v = v.as_ref()?;
             let mut key = prefix.as_bytes().to_vec();
             key.extend_from_slice(k);
-            Some((key, serde_json::from_slice(v).expect("test values are JSON")))
+            Some((
+                key,
+                serde_json::from_slice(v).expect("test values are JSON"),
+            ))
         })
         .collect()
 }
 
-pub fn actual_json(redis: &Redis, prefix: &str, store: StoreFormat) -> BTreeMap<Vec<u8>, serde_json::Value> {
+pub fn actual_json(
+    redis: &Redis,
+    prefix: &str,
+    store: StoreFormat,
+) -> BTreeMap<Vec<u8>, serde_json::Value> {
     redis
         .dump(prefix)
         .into_iter()
         .map(|(k, v)| {
             let (json, _) = codec::stored_to_json(store, &v).unwrap_or_else(|e| {
-                panic!("key {} holds bad {store} data: {e}", String::from_utf8_lossy(&k))
+                panic!(
+                    "key {} holds bad {store} data: {e}",
+                    String::from_utf8_lossy(&k)
+                )
             });
             (k, json)
         })
@@ -336,7 +389,13 @@ pub fn actual_json(redis: &Redis, prefix: &str, store: StoreFormat) -> BTreeMap<
 
 /// Waits until the keyspace under `prefix` equals the oracle exactly (no
 /// missing, stale or extra key); on timeout, prints the first differences.
-pub fn assert_converges(redis: &Redis, prefix: &str, store: StoreFormat, producer: &TestProducer, timeout: Duration) {
+pub fn assert_converges(
+    redis: &Redis,
+    prefix: &str,
+    store: StoreFormat,
+    producer: &TestProducer,
+    timeout: Duration,
+) {
     let expected = expected_json(prefix, &producer.last);
     let start = Instant::now();
     loop {
@@ -360,11 +419,14 @@ pub fn assert_converges(redis: &Redis, prefix: &str, store: StoreFormat, produce
                 diffs.push(format!("extra {}", String::from_utf8_lossy(k)));
             }
             panic!(
-                "Redis did not converge to the oracle within {timeout:?}: {} expected keys, {} actual, {} differences; first: {:#?}",
+                "Redis did not converge to the oracle within {timeout:?}: {} expected keys, {} actual, {} differences; first: {:#?}\nstatus: {:?}\noffsets: {:?}\nrecords sent: {}",
                 expected.len(),
                 actual.len(),
                 diffs.len(),
-                &diffs[..diffs.len().min(10)]
+                &diffs[..diffs.len().min(10)],
+                redis.hgetall("edgecache:status"),
+                redis.hgetall("edgecache:offsets"),
+                producer.n_sent,
             );
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -423,7 +485,10 @@ impl Agent {
         let log = config.with_extension(format!("{}.log", unique("run")));
         let child = Command::new(bin())
             .args(["run", "--config", config.to_str().unwrap()])
-            .env("EDGECACHE_LOG", "info")
+            .env(
+                "EDGECACHE_LOG",
+                std::env::var("EDGECACHE_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -480,6 +545,12 @@ impl Drop for Agent {
             let _ = child.wait();
         }
         if std::thread::panicking() {
+            if let Ok(dir) = std::env::var("EDGECACHE_TEST_KEEP_LOGS") {
+                let _ = std::fs::copy(
+                    &self.log,
+                    Path::new(&dir).join(self.log.file_name().unwrap()),
+                );
+            }
             let text = self.log_text();
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
             eprintln!("---- agent log tail ({}) ----", self.log.display());
