@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The full test suite: formatting, lints (warnings are errors), unit tests,
+# and the end-to-end tests against a real Kafka broker and real redis-servers.
+# Installs and starts what they need; stops the broker again if it started it.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+bash tests/services.sh deps
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+started_kafka=no
+if ! bash tests/services.sh kafka-status; then
+  bash tests/services.sh kafka-start
+  started_kafka=yes
+fi
+stop_kafka() { [[ $started_kafka == yes ]] && bash tests/services.sh kafka-stop; true; }
+trap stop_kafka EXIT
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test (unit + end-to-end against real Kafka and Redis)"
+cargo test --locked -- --test-threads 2
