@@ -12,6 +12,7 @@
 //! - [`checkpoint`]: where each partition resumes.
 //! - [`pipeline`]: the loop tying them together.
 //! - [`backoff`]: retry delays.
+//! - [`notify`]: systemd readiness, watchdog and status (sd_notify).
 //! - [`cli`]: the commands behind the binary.
 
 #![deny(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod notify;
 pub mod pipeline;
 pub mod sink;
 pub mod source;

@@ -15,6 +15,7 @@ use crate::batch::{Batch, Op, PartitionId, SkipReason};
 use crate::checkpoint::{Start, StoredOffsets};
 use crate::codec;
 use crate::config::{Settings, MAX_KEY_BYTES};
+use crate::notify::Notifier;
 use crate::sink::{Sink, SinkError};
 use crate::source::{Event, Incoming, Source, SourceError};
 use futures_util::FutureExt;
@@ -29,6 +30,9 @@ use tracing::{debug, error, info, warn};
 const TICK: Duration = Duration::from_secs(1);
 /// How often topic metadata is read again to notice new partitions.
 const DISCOVER_EVERY: Duration = Duration::from_secs(30);
+/// Without catching up, READY=1 is still sent this long after start (a WAN
+/// outage at boot must not fail the unit); STATUS then says why.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// At most this many bad-record lines per window; the rest are counted.
 const BAD_RECORD_LOG_LIMIT: u32 = 20;
 const BAD_RECORD_LOG_WINDOW: Duration = Duration::from_secs(10);
@@ -99,6 +103,9 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         stop: stop_rx,
         state: State::Starting,
         written_state: None,
+        notified_state: None,
+        notify: Notifier::from_env(),
+        started: Instant::now(),
         caught_up: false,
         catch_up_started: Instant::now(),
         records_since_start: 0,
@@ -127,6 +134,9 @@ struct Pipeline<'s> {
     stop: watch::Receiver<bool>,
     state: State,
     written_state: Option<State>,
+    notified_state: Option<State>,
+    notify: Notifier,
+    started: Instant,
     caught_up: bool,
     catch_up_started: Instant,
     records_since_start: u64,
@@ -194,11 +204,22 @@ impl Pipeline<'_> {
     }
 
     /// Waits `delay`, or less if shutdown is asked; returns Stop then.
+    /// Retry loops wait here, so the watchdog is pinged here too: a loop
+    /// that is alive and retrying is not wedged.
     async fn pause(&mut self, delay: Duration) -> Flow {
-        let mut stop = self.stop.clone();
-        tokio::select! {
-            _ = stop.wait_for(|stopping| *stopping) => Flow::Stop,
-            _ = tokio::time::sleep(delay) => Flow::Continue,
+        let deadline = tokio::time::Instant::now() + delay;
+        loop {
+            self.notify.watchdog();
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Flow::Continue;
+            }
+            let step = (deadline - now).min(Duration::from_secs(1));
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                _ = stop.wait_for(|stopping| *stopping) => return Flow::Stop,
+                _ = tokio::time::sleep(step) => {}
+            }
         }
     }
 
@@ -432,6 +453,7 @@ impl Pipeline<'_> {
                     if self.state != State::RedisUnreachable {
                         warn!("{e}; keeping the batch and retrying");
                         self.state = State::RedisUnreachable;
+                        self.write_state().await;
                     }
                     if self.pause(backoff.next_delay()).await == Flow::Stop {
                         return Flow::Stop;
@@ -467,6 +489,11 @@ impl Pipeline<'_> {
 
     /// Idle-time checks, once per tick.
     async fn housekeeping(&mut self, source: &Source) -> Flow {
+        self.notify.watchdog();
+        if !self.notify.is_ready() && self.started.elapsed() >= READY_TIMEOUT {
+            let status = format!("started; not caught up yet ({})", self.state.as_str());
+            self.notify.ready(&status);
+        }
         // G4: notice a flushed Redis even when no records arrive.
         if self.last_apply.elapsed() >= TICK {
             match self.sink.still_ours().await {
@@ -582,6 +609,7 @@ impl Pipeline<'_> {
         );
         self.caught_up = true;
         self.state = State::Live;
+        self.notify.ready("live: caught up");
     }
 
     async fn set_state(&mut self, state: State) {
@@ -597,6 +625,10 @@ impl Pipeline<'_> {
         } else {
             self.state
         };
+        if self.notified_state != Some(state) {
+            self.notified_state = Some(state);
+            self.notify.status(state.as_str());
+        }
         if self.written_state == Some(state) || state == State::RedisUnreachable {
             return;
         }
@@ -614,6 +646,7 @@ impl Pipeline<'_> {
     /// otherwise abandons it: its offsets were not stored, so it is read
     /// again after the restart and nothing is lost.
     async fn shutdown(&mut self) {
+        self.notify.stopping();
         if !self.batch.is_empty() && !self.stopping_hard() {
             match tokio::time::timeout(Duration::from_secs(2), self.sink.apply(&self.batch)).await {
                 Ok(Ok(())) => info!("applied the last batch"),

@@ -433,3 +433,67 @@ fn sigterm_while_redis_is_down_exits_promptly() {
         CONVERGE,
     );
 }
+
+/// Under systemd (Type=notify): READY=1 once caught up, WATCHDOG=1 pings
+/// from the loop, STATUS lines, STOPPING=1 on SIGTERM.
+#[test]
+fn sd_notify_ready_watchdog_and_status() {
+    use std::os::unix::net::UnixDatagram;
+    let topic = unique("n-notify");
+    create_topic(&topic, 2);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    producer.random_states(&mut Rng::new(3), 200, 50);
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut agent = Agent::start_with_env(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    );
+    let mut messages: Vec<String> = Vec::new();
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        let n_watchdog = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+        if messages.iter().any(|m| m.contains("READY=1")) && n_watchdog >= 3 {
+            break;
+        }
+    }
+    let ready = messages.iter().find(|m| m.contains("READY=1"));
+    assert!(ready.is_some(), "no READY=1 in {messages:?}");
+    assert!(ready.unwrap().contains("STATUS=live"), "{messages:?}");
+    // Caught up means the data is there when READY arrives.
+    assert_converges(
+        &redis,
+        "device:",
+        StoreFormat::Postcard,
+        &producer,
+        Duration::from_secs(1),
+    );
+    assert!(
+        messages.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.starts_with("STATUS=")),
+        "{messages:?}"
+    );
+    let (status, _) = agent.sigterm();
+    assert!(status.success());
+    let mut stopping = false;
+    while let Ok(n) = socket.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM");
+}

@@ -482,9 +482,14 @@ pub fn bin() -> &'static str {
 
 impl Agent {
     pub fn start(config: &Path) -> Agent {
+        Agent::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Agent {
         let log = config.with_extension(format!("{}.log", unique("run")));
         let child = Command::new(bin())
             .args(["run", "--config", config.to_str().unwrap()])
+            .envs(env.iter().copied())
             .env(
                 "EDGECACHE_LOG",
                 std::env::var("EDGECACHE_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),

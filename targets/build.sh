@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# No-Docker cross build of edgecache with Debian's cross compilers.
+#   targets/build.sh aarch64-unknown-linux-gnu       # 64-bit Pi OS / ARM gateways
+#   targets/build.sh armv7-unknown-linux-gnueabihf   # 32-bit Pi OS
+#   targets/build.sh aarch64-unknown-linux-musl      # fully static (cargo-zigbuild + zig)
+# Output: target/<TARGET>/release/edgecache. Installs what it needs (apt,
+# rustup target, cargo-zigbuild/ziglang for musl) and skips what is present.
+# Users with Docker can use `cross` instead (see Cross.toml).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+T=${1:?usage: targets/build.sh TARGET}
+
+# Debian packages for a target: C/C++ cross compilers (librdkafka is built by
+# cmake with the target's C compiler; its cmake probes need a C++ compiler even
+# though nothing C++ is linked), cmake, and perl for OpenSSL's Configure.
+apt_need() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if ((${#missing[@]})); then
+    [[ -n $(find /var/lib/apt/lists -name '*Packages*' -print -quit) ]] || apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+case $T in
+  aarch64-unknown-linux-gnu)     gnu=aarch64-linux-gnu ;;
+  armv7-unknown-linux-gnueabihf) gnu=arm-linux-gnueabihf ;;
+  aarch64-unknown-linux-musl)    gnu= ;;
+  *) echo "unsupported target: $T" >&2; exit 2 ;;
+esac
+
+rustup target list --installed | grep -qx "$T" || rustup target add "$T"
+tvar=${T//-/_}                              # cc-rs/cmake-rs per-target names
+TVAR=$(tr '[:lower:]' '[:upper:]' <<<"$tvar") # cargo's CARGO_TARGET_<T>_LINKER
+
+if [[ -n $gnu ]]; then
+  apt_need "gcc-$gnu" "g++-$gnu" cmake make perl
+  # Per-target variables only, so host build scripts keep using the host cc.
+  export "CC_$tvar=${gnu}-gcc" "CXX_$tvar=${gnu}-g++" "AR_$tvar=${gnu}-ar"
+  # Rust links with the cross gcc so the target's glibc/crt files are used.
+  export "CARGO_TARGET_${TVAR}_LINKER=${gnu}-gcc"
+  time cargo build --locked --release --target "$T" --bin edgecache
+else
+  # musl: zig ships musl libc + a clang for every target, so no Debian musl
+  # cross gcc is needed (bookworm has none for aarch64). Result is static.
+  apt_need cmake make perl python3-pip
+  command -v cargo-zigbuild >/dev/null || cargo install --locked cargo-zigbuild
+  python3 -m ziglang version >/dev/null 2>&1 || pip3 install --break-system-packages ziglang
+  time cargo zigbuild --locked --release --target "$T" --bin edgecache
+fi
+ls -l "target/$T/release/edgecache"
+file "target/$T/release/edgecache"
