@@ -44,6 +44,9 @@ pub struct AgentConfig {
     /// Most records per Redis transaction (1..=4096). Smaller batches keep
     /// Redis responsive to readers while a large backlog is applied.
     pub max_batch_records: usize,
+    /// How often topic metadata is read again to notice partitions added to
+    /// a topic (or a topic created after start), in seconds (1..=3600).
+    pub partition_discovery_secs: u64,
 }
 
 impl Default for AgentConfig {
@@ -51,6 +54,7 @@ impl Default for AgentConfig {
         AgentConfig {
             memory_budget_mib: 32,
             max_batch_records: 1024,
+            partition_discovery_secs: 30,
         }
     }
 }
@@ -221,6 +225,13 @@ impl Settings {
             ));
         }
         let limits = Limits::from_budget(budget, max_batch);
+        let discovery = config.agent.partition_discovery_secs;
+        if !(1..=3600).contains(&discovery) {
+            return Err(err(
+                "agent.partition_discovery_secs",
+                format!("{discovery} is outside 1..=3600"),
+            ));
+        }
 
         if config.kafka.brokers.trim().is_empty() {
             return Err(err("kafka.brokers", "must name at least one broker".into()));

@@ -28,8 +28,6 @@ use tracing::{debug, error, info, warn};
 /// How often the idle checks run: marker still there (G4), partitions,
 /// caught-up state, Kafka reachability.
 const TICK: Duration = Duration::from_secs(1);
-/// How often topic metadata is read again to notice new partitions.
-const DISCOVER_EVERY: Duration = Duration::from_secs(30);
 /// Without catching up, READY=1 is still sent this long after start (a WAN
 /// outage at boot must not fail the unit); STATUS then says why.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -544,7 +542,9 @@ impl Pipeline<'_> {
     fn discover_new(&mut self, source: &Source) {
         match self.discovering.take() {
             None => {
-                if self.last_discover.elapsed() >= DISCOVER_EVERY {
+                let every =
+                    Duration::from_secs(self.settings.config.agent.partition_discovery_secs);
+                if self.last_discover.elapsed() >= every {
                     self.discovering = Some(source.discover_task());
                 }
             }

@@ -53,14 +53,15 @@ return #KEYS - 3
 "#;
 
 /// Adopt the marker if it exists; otherwise create it and drop any offsets
-/// left without one, since they no longer describe what Redis holds.
+/// and counters left without one, since they no longer describe what Redis
+/// holds.
 const INIT_SCRIPT: &str = r#"
 local current = redis.call('GET', KEYS[1])
 if current then
   return {current, 0}
 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 return {ARGV[1], 1}
 "#;
 
@@ -181,12 +182,13 @@ impl Sink {
     /// Adopts or creates the marker, then reads the stored offsets.
     pub async fn init(&mut self) -> Result<InitOutcome, SinkError> {
         let candidate = new_token();
-        let (marker, offsets) = (self.keys.marker.clone(), self.keys.offsets.clone());
+        let keys = self.keys.clone();
         let init = self.init.clone();
         let (token, created): (String, i64) = self
             .call(|mut c| async move {
-                init.key(&marker)
-                    .key(&offsets)
+                init.key(&keys.marker)
+                    .key(&keys.offsets)
+                    .key(&keys.status)
                     .arg(&candidate)
                     .invoke_async(&mut c)
                     .await

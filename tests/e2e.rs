@@ -6,6 +6,7 @@
 mod util;
 
 use edgecache::codec::StoreFormat;
+use std::collections::BTreeMap;
 use std::time::Duration;
 use util::*;
 
@@ -496,4 +497,151 @@ fn sd_notify_ready_watchdog_and_status() {
         stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
     }
     assert!(stopping, "no STOPPING=1 after SIGTERM");
+}
+
+/// A topic that gains partitions while the agent runs: the new partitions
+/// are noticed and mirrored without a restart.
+#[test]
+fn new_partitions_are_picked_up() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    let topic = unique("p-grow");
+    create_topic(&topic, 1);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(redis.url(), &topic, "device:");
+    config.extra_agent = "partition_discovery_secs = 1".into();
+    let config = config.write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    producer.random_states(&mut Rng::new(11), 100, 30);
+    let _agent = Agent::start(&config);
+    assert_converges(
+        &redis,
+        "device:",
+        StoreFormat::Postcard,
+        &producer,
+        CONVERGE,
+    );
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for result in runtime
+        .block_on(admin.create_partitions(&[NewPartitions::new(&topic, 3)], &AdminOptions::new()))
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    producer.wait_partitions(3);
+    for i in 0..40 {
+        let key = format!("late-{i}");
+        let value = format!(r#"{{"i":{i}}}"#);
+        producer.send_to(
+            Some(key.as_bytes()),
+            Some(value.as_bytes()),
+            Some(1 + i % 2),
+        );
+        producer
+            .last
+            .insert(key.into_bytes(), Some(value.into_bytes()));
+    }
+    producer.flush();
+    assert_converges(
+        &redis,
+        "device:",
+        StoreFormat::Postcard,
+        &producer,
+        CONVERGE,
+    );
+    let offsets = redis.hgetall("edgecache:offsets");
+    assert!(offsets.contains_key(&format!("{topic}/2")), "{offsets:?}");
+}
+
+/// G8: keys of other apps are never touched, through a first run, live
+/// updates and a rehydrate (marker removed), and the agent writes nothing
+/// outside its prefix and its namespace.
+#[test]
+fn foreign_keys_are_never_touched() {
+    let topic = unique("g8-confine");
+    create_topic(&topic, 2);
+    let redis = Redis::start(false);
+    let mut conn = redis.conn();
+    let mut foreign: Vec<(String, String)> = Vec::new();
+    for i in 0..300 {
+        // Neighbours whose names look like ours but are not under our prefix.
+        let key = match i % 3 {
+            0 => format!("app:{i}"),
+            1 => format!("devic:{i}"),
+            _ => format!("edgecache-other:{i}"),
+        };
+        let value = format!("v{i}");
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(&value)
+            .query(&mut conn)
+            .unwrap();
+        foreign.push((key, value));
+    }
+    let _: () = redis::cmd("HSET")
+        .arg("app:hash")
+        .arg("f")
+        .arg("1")
+        .query(&mut conn)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(8);
+    producer.random_states(&mut rng, 500, 60);
+    let agent = Agent::start(&config);
+    assert_converges(
+        &redis,
+        "device:",
+        StoreFormat::Postcard,
+        &producer,
+        CONVERGE,
+    );
+    // Lost state without a flush: the agent rebuilds next to other apps' keys.
+    let _: () = redis::cmd("DEL")
+        .arg("edgecache:marker")
+        .query(&mut conn)
+        .unwrap();
+    producer.random_states(&mut rng, 200, 60);
+    wait_until(CONVERGE, "a rehydrate after the marker vanished", || {
+        agent.log_text().contains("Redis lost the agent's state")
+            && redis.status_counter("records") == producer.n_sent
+    });
+    assert_converges(
+        &redis,
+        "device:",
+        StoreFormat::Postcard,
+        &producer,
+        CONVERGE,
+    );
+
+    for (key, value) in &foreign {
+        let got: Option<String> = redis::cmd("GET").arg(key).query(&mut conn).unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(value.as_str()),
+            "foreign key {key} changed"
+        );
+    }
+    let hash: BTreeMap<String, String> = redis.hgetall("app:hash");
+    assert_eq!(hash.get("f").map(String::as_str), Some("1"));
+    let all: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    let ours = ["edgecache:offsets", "edgecache:marker", "edgecache:status"];
+    for key in all {
+        let is_foreign = foreign.iter().any(|(k, _)| *k == key) || key == "app:hash";
+        assert!(
+            is_foreign || key.starts_with("device:") || ours.contains(&key.as_str()),
+            "the agent wrote a key outside its prefix and namespace: {key}"
+        );
+    }
 }

@@ -160,6 +160,22 @@ impl TestProducer {
         );
     }
 
+    /// Waits until the producer's metadata shows `n` partitions (after the
+    /// topic grew), so sends to the new ones are accepted.
+    pub fn wait_partitions(&self, n: usize) {
+        wait_until(
+            Duration::from_secs(30),
+            "producer to see new partitions",
+            || {
+                self.producer
+                    .client()
+                    .fetch_metadata(Some(&self.topic), Duration::from_secs(5))
+                    .map(|m| m.topics()[0].partitions().len() == n)
+                    .unwrap_or(false)
+            },
+        );
+    }
+
     pub fn flush(&self) {
         self.producer
             .flush(Duration::from_secs(30))
