@@ -74,18 +74,28 @@ pub fn create_topic_with(name: &str, partitions: i32, cleanup_policy: &str) {
 
 /// Records delivery failures: a record the broker never took must fail the
 /// test, or the oracle would expect it.
+/// Also remembers where each record landed (record number -> partition,
+/// offset), for checks that relate values to stored offsets.
 #[derive(Default)]
 pub struct DeliveryCheck {
     failures: Mutex<Vec<String>>,
+    placed: Mutex<BTreeMap<u64, (i32, i64)>>,
 }
 
 impl ClientContext for DeliveryCheck {}
 
 impl ProducerContext for DeliveryCheck {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.failures.lock().unwrap().push(e.to_string());
+    type DeliveryOpaque = Box<u64>;
+    fn delivery(&self, result: &DeliveryResult<'_>, n: Box<u64>) {
+        use rdkafka::message::Message;
+        match result {
+            Ok(message) => {
+                self.placed
+                    .lock()
+                    .unwrap()
+                    .insert(*n, (message.partition(), message.offset()));
+            }
+            Err((e, _)) => self.failures.lock().unwrap().push(e.to_string()),
         }
     }
 }
@@ -124,7 +134,8 @@ impl TestProducer {
 
     pub fn send_to(&mut self, key: Option<&[u8]>, value: Option<&[u8]>, partition: Option<i32>) {
         loop {
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic);
+            let mut record: BaseRecord<'_, [u8], [u8], Box<u64>> =
+                BaseRecord::with_opaque_to(&self.topic, Box::new(self.n_sent));
             if let Some(key) = key {
                 record = record.key(key);
             }
@@ -188,6 +199,32 @@ impl TestProducer {
             self.topic,
             &failures[..failures.len().min(3)]
         );
+    }
+
+    /// Where each record landed: record number (0-based send order) ->
+    /// (partition, offset). Complete after `flush`.
+    pub fn placed(&self) -> BTreeMap<u64, (i32, i64)> {
+        self.producer.context().placed.lock().unwrap().clone()
+    }
+
+    /// Like `random_states`, but each value carries its record number `n`.
+    pub fn numbered_states(&mut self, rng: &mut Rng, n_records: usize, n_keys: u64) {
+        for _ in 0..n_records {
+            let key = format!("sensor-{}", rng.below(n_keys));
+            if rng.below(10) == 0 {
+                self.put(&key, None);
+            } else {
+                let value = format!(
+                    r#"{{"n":{},"temp":{}.{},"on":{}}}"#,
+                    self.n_sent,
+                    rng.below(40),
+                    rng.below(10),
+                    rng.below(2) == 1
+                );
+                self.put(&key, Some(&value));
+            }
+        }
+        self.flush();
     }
 
     /// Random JSON device states over `n_keys` keys, ~10% tombstones.
