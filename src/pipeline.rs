@@ -31,6 +31,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// Without catching up, READY=1 is still sent this long after start (a WAN
 /// outage at boot must not fail the unit); STATUS then says why.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a progress line is logged while catching up.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// At most this many bad-record lines per window; the rest are counted.
 const BAD_RECORD_LOG_LIMIT: u32 = 20;
 const BAD_RECORD_LOG_WINDOW: Duration = Duration::from_secs(10);
@@ -104,6 +106,10 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         notified_state: None,
         notify: Notifier::from_env(),
         started: Instant::now(),
+        lag: None,
+        written_lag: None,
+        progress_at: Instant::now(),
+        progress_records: 0,
         caught_up: false,
         catch_up_started: Instant::now(),
         records_since_start: 0,
@@ -135,6 +141,11 @@ struct Pipeline<'s> {
     notified_state: Option<State>,
     notify: Notifier,
     started: Instant,
+    /// Last computed lag and the value last written to the status hash.
+    lag: Option<u64>,
+    written_lag: Option<u64>,
+    progress_at: Instant,
+    progress_records: u64,
     caught_up: bool,
     catch_up_started: Instant,
     records_since_start: u64,
@@ -234,6 +245,9 @@ impl Pipeline<'_> {
             match outcome {
                 Ok(outcome) => {
                     if outcome.fresh {
+                        // The status hash went with the old marker.
+                        self.written_state = None;
+                        self.written_lag = None;
                         info!("Redis holds no edgecache state: rehydrating every partition from the earliest offset");
                         self.state = State::Rehydrating;
                     } else {
@@ -481,6 +495,9 @@ impl Pipeline<'_> {
         self.caught_up = false;
         self.catch_up_started = Instant::now();
         self.records_since_start = 0;
+        self.progress_at = Instant::now();
+        self.progress_records = 0;
+        self.written_lag = None;
         self.write_state().await;
         Flow::Rehydrated
     }
@@ -530,6 +547,8 @@ impl Pipeline<'_> {
             }
             if !self.caught_up && self.batch.is_empty() {
                 self.check_caught_up(source);
+            } else if self.caught_up {
+                self.lag = self.lag(source).or(self.lag);
             }
         }
         self.write_state().await;
@@ -576,29 +595,61 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Caught up when, for every partition, Redis holds everything up to the
-    /// high watermark librdkafka last saw. Empty partitions count as caught
-    /// up, and so does a partition whose librdkafka position passed the
-    /// watermark with nothing queued (trailing transaction markers occupy
-    /// offsets but never reach us).
-    fn check_caught_up(&mut self, source: &Source) {
+    /// Records Kafka has that Redis does not yet, summed over partitions,
+    /// from the watermarks librdkafka last reported; `None` until every
+    /// assigned partition has reported. A partition whose librdkafka
+    /// position passed the watermark with nothing queued counts as done
+    /// (trailing transaction markers occupy offsets but never reach us).
+    fn lag(&self, source: &Source) -> Option<u64> {
         let partitions: Vec<PartitionId> = self.positions.keys().copied().collect();
-        if partitions.is_empty() {
-            return;
-        }
         let marks = source.watermarks(&partitions);
-        if marks.len() < partitions.len() {
-            return;
+        if partitions.is_empty() || marks.len() < partitions.len() {
+            return None;
         }
-        let behind = marks.iter().any(|(p, mark)| {
-            let applied_all = match self.positions.get(p) {
-                Some(Start::At(next)) => *next >= mark.high,
-                _ => mark.low >= mark.high,
-            };
-            let nothing_left = mark.app_offset >= mark.high && mark.queued == 0;
-            !(applied_all || nothing_left)
-        });
-        if behind {
+        let lag = marks
+            .iter()
+            .map(|(p, mark)| {
+                let next = match self.positions.get(p) {
+                    Some(Start::At(next)) => *next,
+                    _ => mark.low,
+                };
+                if mark.app_offset >= mark.high && mark.queued == 0 {
+                    0
+                } else {
+                    (mark.high - next).max(0) as u64
+                }
+            })
+            .sum();
+        Some(lag)
+    }
+
+    /// Caught up when the lag is zero with nothing in hand; logs progress
+    /// every few seconds until then.
+    fn check_caught_up(&mut self, source: &Source) {
+        let Some(lag) = self.lag(source) else {
+            return;
+        };
+        self.lag = Some(lag);
+        if lag > 0 {
+            let elapsed = self.progress_at.elapsed();
+            if elapsed >= PROGRESS_EVERY {
+                let applied = self.records_since_start - self.progress_records;
+                let rate = applied as f64 / elapsed.as_secs_f64();
+                let eta = if rate > 0.0 {
+                    format!("{:.0}s", lag as f64 / rate)
+                } else {
+                    "unknown".to_owned()
+                };
+                info!(
+                    n_records = self.records_since_start,
+                    records_per_s = rate as u64,
+                    lag,
+                    eta = %eta,
+                    "catching up"
+                );
+                self.progress_at = Instant::now();
+                self.progress_records = self.records_since_start;
+            }
             return;
         }
         let seconds = self.catch_up_started.elapsed().as_secs_f64();
@@ -629,7 +680,22 @@ impl Pipeline<'_> {
             self.notified_state = Some(state);
             self.notify.status(state.as_str());
         }
-        if self.written_state == Some(state) || state == State::RedisUnreachable {
+        if state == State::RedisUnreachable {
+            return;
+        }
+        if self.lag != self.written_lag {
+            if let Some(lag) = self.lag {
+                if self
+                    .sink
+                    .set_status(&[("lag", lag.to_string())])
+                    .await
+                    .is_ok()
+                {
+                    self.written_lag = self.lag;
+                }
+            }
+        }
+        if self.written_state == Some(state) {
             return;
         }
         let fields = [

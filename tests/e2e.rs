@@ -66,12 +66,10 @@ fn a_updates_and_tombstones_converge() {
         redis.status_counter("records") == producer.n_sent
     });
     assert_eq!(stored_offsets_sum(&redis, &topic), producer.n_sent);
-    wait_until(CONVERGE, "state live", || {
-        redis
-            .hgetall("edgecache:status")
-            .get("state")
-            .map(String::as_str)
-            == Some("live")
+    wait_until(CONVERGE, "state live with lag 0", || {
+        let status = redis.hgetall("edgecache:status");
+        status.get("state").map(String::as_str) == Some("live")
+            && status.get("lag").map(String::as_str) == Some("0")
     });
 }
 
