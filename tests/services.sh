@@ -4,6 +4,7 @@
 #   deps          install missing tools + fetch the Kafka jars (idempotent)
 #   kafka-start   single-node KRaft broker+controller on loopback (idempotent)
 #   kafka-stop    stop it
+#   kafka-resume  start a stopped broker again, keeping its data
 #   kafka-status  exit 0 if the broker answers
 #   kafka-tool CLASS ARGS...   run a Kafka CLI class, e.g.
 #                 kafka-tool org.apache.kafka.tools.TopicCommand --list --bootstrap-server 127.0.0.1:39092
@@ -83,6 +84,19 @@ kafka_start() {
   kafka_stop # a leftover broker that stopped answering would hold the data dir
   rm -rf "$KDIR"
   mkdir -p "$KDIR/data"
+  write_config
+  format_storage
+  launch
+}
+
+# Start again after kafka-stop, keeping topics and data (outage tests).
+kafka_resume() {
+  if port_open "$PORT"; then return 0; fi
+  [[ -f $KDIR/server.properties ]] || die "no stopped broker to resume: use kafka-start"
+  launch
+}
+
+write_config() {
 
   # Static controller.quorum.voters (not controller.quorum.bootstrap.servers):
   # then `format` needs no --standalone/--initial-controllers flags.
@@ -125,9 +139,18 @@ EOF
   # Cluster id = 16 random bytes, url-safe base64 without padding: what
   # `StorageTool random-uuid` prints, minus a JVM start. A leading '-' would be
   # parsed as an option (Kafka's own generator skips those too).
+}
+
+format_storage() {
   local id=-
   while [[ $id == -* ]]; do id=$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='); done
   kafka_tool kafka.tools.StorageTool format -t "$id" -c "$KDIR/server.properties" >/dev/null
+}
+
+launch() {
+  # A resumed broker's old log already says "started": keep it aside so the
+  # readiness check below reads only this run's log.
+  [[ -f $LOG ]] && mv "$LOG" "$LOG.prev"
 
   log "starting Kafka $KAFKA_VERSION on 127.0.0.1:$PORT (controller :$CPORT), $(java -version 2>&1 | head -1)"
   log "classpath $LIBS/*, log $LOG"
@@ -179,7 +202,8 @@ case ${1:-} in
   deps) deps ;;
   kafka-start) kafka_start ;;
   kafka-stop) kafka_stop ;;
+  kafka-resume) kafka_resume ;;
   kafka-status) port_open "$PORT" ;;
   kafka-tool) shift; kafka_tool "$@" ;;
-  *) echo "usage: $0 deps|kafka-start|kafka-stop|kafka-status|kafka-tool CLASS ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 deps|kafka-start|kafka-stop|kafka-resume|kafka-status|kafka-tool CLASS ARGS..." >&2; exit 2 ;;
 esac
