@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Set(Vec<u8>),
+    /// Set, expiring at this Unix time in milliseconds (per-topic TTL).
+    SetUntil(Vec<u8>, i64),
     Delete,
 }
 
@@ -48,6 +50,8 @@ impl SkipReason {
 pub struct Counts {
     pub records: u64,
     pub skipped: [u64; 3],
+    /// Records outside the topic's key filters: not applied, offset advanced.
+    pub filtered: u64,
 }
 
 /// A partition, named by the index of its topic in the configuration.
@@ -108,6 +112,12 @@ impl Batch {
         self.advance(partition, offset);
     }
 
+    /// Counts a record outside the agent's scope; its offset advances.
+    pub fn filter_out(&mut self, partition: PartitionId, offset: i64) {
+        self.counts.filtered += 1;
+        self.advance(partition, offset);
+    }
+
     /// Counts a skipped record; its offset still advances (G7).
     pub fn skip(&mut self, partition: PartitionId, offset: i64, reason: SkipReason) {
         self.counts.skipped[reason as usize] += 1;
@@ -151,9 +161,9 @@ impl Batch {
     }
 }
 
-fn op_len(op: &Op) -> usize {
+pub fn op_len(op: &Op) -> usize {
     match op {
-        Op::Set(value) => value.len(),
+        Op::Set(value) | Op::SetUntil(value, _) => value.len(),
         Op::Delete => 0,
     }
 }

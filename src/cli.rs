@@ -139,7 +139,15 @@ pub async fn execute(cli: Cli) -> ExitCode {
 }
 
 fn sink_for(settings: &Settings) -> Result<Sink, ExitCode> {
-    Sink::new(&settings.redis_url, &settings.namespace, Vec::new()).map_err(|e| {
+    let password = settings.redis_password.as_ref().map(|p| p.0.as_str());
+    Sink::new(
+        &settings.redis_url,
+        password,
+        &settings.namespace,
+        Vec::new(),
+        None,
+    )
+    .map_err(|e| {
         eprintln!("edgecache: {e}");
         ExitCode::FAILURE
     })

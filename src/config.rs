@@ -9,7 +9,7 @@
 use crate::codec::{InputFormat, StoreFormat};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Most records one batch (one Redis transaction) can hold. The coalescing
 /// map is a fixed-capacity heapless map of this size, so it is a compile-time
@@ -68,6 +68,12 @@ pub struct KafkaConfig {
     /// ones the agent derives or relies on (listed in README).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// librdkafka properties whose values are read from files (trailing
+    /// newline removed), e.g. `"sasl.password" = "kafka-password"`. Relative
+    /// paths are looked up in `$CREDENTIALS_DIRECTORY` (systemd
+    /// `LoadCredential=`), else next to the configuration file.
+    #[serde(default)]
+    pub secret_files: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,6 +84,14 @@ pub struct RedisConfig {
     /// Prefix of the agent's own keys: `<namespace>:offsets`, `:marker`, `:status`.
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// File holding the Redis password (resolved like `kafka.secret_files`);
+    /// overrides a password in the URL.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// If set, every applied change is published on this channel as
+    /// `set <key>` or `del <key>`, in the same atomic step as the write.
+    #[serde(default)]
+    pub publish_channel: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -97,6 +111,20 @@ pub struct TopicConfig {
     /// How values are written to Redis.
     #[serde(default = "default_store")]
     pub store: StoreFormat,
+    /// Mirror only records whose Kafka key starts with this.
+    #[serde(default)]
+    pub only_keys_with_prefix: Option<String>,
+    /// Mirror only records whose Kafka key matches this regular expression
+    /// (Rust `regex` syntax, matched against the key bytes).
+    #[serde(default)]
+    pub only_keys_matching: Option<String>,
+    /// Mirror only these partitions (default: all, including new ones).
+    #[serde(default)]
+    pub partitions: Option<Vec<i32>>,
+    /// Keys expire this many seconds after their record's timestamp; a
+    /// record already older than that deletes its key.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
 }
 
 fn default_input() -> InputFormat {
@@ -138,10 +166,12 @@ pub struct ConfigError {
 pub struct Settings {
     pub config: Config,
     pub redis_url: String,
+    pub redis_password: Option<Secret>,
     pub namespace: String,
     pub topics: Vec<TopicSettings>,
     pub limits: Limits,
-    /// Final librdkafka properties: user's pass-through plus derived ones.
+    /// Final librdkafka properties: user's pass-through plus derived ones
+    /// and secrets read from files. Never print this with `Debug`.
     pub kafka_properties: BTreeMap<String, String>,
 }
 
@@ -151,6 +181,34 @@ pub struct TopicSettings {
     pub key_prefix: Vec<u8>,
     pub input: InputFormat,
     pub store: StoreFormat,
+    pub only_prefix: Option<Vec<u8>>,
+    pub only_matching: Option<regex::bytes::Regex>,
+    pub partitions: Option<Vec<i32>>,
+    pub ttl_ms: Option<i64>,
+}
+
+impl TopicSettings {
+    /// Whether a record with this Kafka key is in the agent's scope.
+    pub fn wants_key(&self, key: &[u8]) -> bool {
+        self.only_prefix.as_ref().is_none_or(|p| key.starts_with(p))
+            && self.only_matching.as_ref().is_none_or(|r| r.is_match(key))
+    }
+
+    pub fn wants_partition(&self, partition: i32) -> bool {
+        self.partitions
+            .as_ref()
+            .is_none_or(|list| list.contains(&partition))
+    }
+}
+
+/// A secret value: never shown by `Debug`, so logging settings cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// Everything the memory budget derives.
@@ -320,15 +378,74 @@ impl Settings {
                     "raw input has no JSON form; use store = \"raw\" or \"postcard\"".into(),
                 ));
             }
+            let only_matching = match &topic.only_keys_matching {
+                None => None,
+                Some(pattern) => Some(regex::bytes::Regex::new(pattern).map_err(|e| {
+                    err(
+                        &field("only_keys_matching"),
+                        e.to_string().replace('\n', " "),
+                    )
+                })?),
+            };
+            if let Some(list) = &topic.partitions {
+                if list.is_empty() || list.iter().any(|p| *p < 0) {
+                    return Err(err(
+                        &field("partitions"),
+                        "must list partition numbers >= 0 (leave it out for all)".into(),
+                    ));
+                }
+            }
+            let ttl_ms = match topic.ttl_secs {
+                None => None,
+                Some(secs) if (1..=10 * 365 * 86_400).contains(&secs) => Some(secs as i64 * 1000),
+                Some(secs) => {
+                    return Err(err(
+                        &field("ttl_secs"),
+                        format!("{secs} is outside 1..=315360000 (ten years)"),
+                    ))
+                }
+            };
             topics.push(TopicSettings {
                 name: topic.name.clone(),
                 key_prefix: topic.key_prefix.as_bytes().to_vec(),
                 input: topic.input,
                 store: topic.store,
+                only_prefix: topic
+                    .only_keys_with_prefix
+                    .as_ref()
+                    .map(|p| p.as_bytes().to_vec()),
+                only_matching,
+                partitions: topic.partitions.clone(),
+                ttl_ms,
             });
         }
 
+        if let Some(channel) = &config.redis.publish_channel {
+            if channel.is_empty() {
+                return Err(err("redis.publish_channel", "must not be empty".into()));
+            }
+        }
+        let redis_password = match &config.redis.password_file {
+            None => None,
+            Some(file) => Some(Secret(
+                read_secret(path, file).map_err(|m| err("redis.password_file", m))?,
+            )),
+        };
         let mut kafka_properties = config.kafka.properties.clone();
+        for (key, file) in &config.kafka.secret_files {
+            let field = format!("kafka.secret_files.{key}");
+            if DERIVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                return Err(err(&field, "is set by edgecache itself; remove it".into()));
+            }
+            if config.kafka.properties.contains_key(key) {
+                return Err(err(
+                    &field,
+                    "is also set in kafka.properties; keep one".into(),
+                ));
+            }
+            let value = read_secret(path, file).map_err(|m| err(&field, m))?;
+            kafka_properties.insert(key.clone(), value);
+        }
         let derived = [
             ("bootstrap.servers", config.kafka.brokers.trim().to_owned()),
             // Offsets live in Redis (G2); the group id only names the client
@@ -373,6 +490,7 @@ impl Settings {
 
         Ok(Settings {
             redis_url: url,
+            redis_password,
             namespace,
             topics,
             limits,
@@ -409,6 +527,28 @@ impl Settings {
     pub fn topic_for_key(&self, key: &[u8]) -> Option<&TopicSettings> {
         self.topics.iter().find(|t| key.starts_with(&t.key_prefix))
     }
+}
+
+/// Reads a secret file. Relative paths are looked up in systemd's
+/// `$CREDENTIALS_DIRECTORY` when set, else next to the configuration file.
+fn read_secret(config_path: &str, file: &Path) -> Result<String, String> {
+    let resolved = if file.is_absolute() {
+        file.to_path_buf()
+    } else if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Path::new(&dir).join(file)
+    } else {
+        Path::new(config_path)
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(file)
+    };
+    let text = std::fs::read_to_string(&resolved)
+        .map_err(|e| format!("cannot read {}: {e}", resolved.display()))?;
+    let value = text.trim_end_matches(['\n', '\r']).to_owned();
+    if value.is_empty() {
+        return Err(format!("{} is empty", resolved.display()));
+    }
+    Ok(value)
 }
 
 /// Property names that hold secrets; their values are never printed or logged.

@@ -90,7 +90,13 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     };
     let topic_names: Vec<String> = settings.topics.iter().map(|t| t.name.clone()).collect();
     let source = Source::new(&settings.kafka_properties, topic_names.clone())?;
-    let sink = Sink::new(&settings.redis_url, &settings.namespace, topic_names)?;
+    let sink = Sink::new(
+        &settings.redis_url,
+        settings.redis_password.as_ref().map(|p| p.0.as_str()),
+        &settings.namespace,
+        topic_names,
+        settings.config.redis.publish_channel.clone(),
+    )?;
     let mut pipeline = Pipeline {
         settings,
         sink,
@@ -286,6 +292,7 @@ impl Pipeline<'_> {
             };
             match found {
                 Ok(partitions) => {
+                    let partitions = self.in_scope(partitions);
                     for (topic_idx, topic) in self.settings.topics.iter().enumerate() {
                         let n = partitions.iter().filter(|p| p.0 == topic_idx).count();
                         if n == 0 {
@@ -315,6 +322,14 @@ impl Pipeline<'_> {
                 }
             }
         }
+    }
+
+    /// Drops partitions outside a topic's configured `partitions` list.
+    fn in_scope(&self, partitions: Vec<PartitionId>) -> Vec<PartitionId> {
+        partitions
+            .into_iter()
+            .filter(|&(topic_idx, p)| self.settings.topics[topic_idx].wants_partition(p))
+            .collect()
     }
 
     async fn handle(&mut self, source: &Source, event: Event<'_>) -> Flow {
@@ -348,6 +363,10 @@ impl Pipeline<'_> {
             }
             Some(key) => key,
         };
+        if !topic.wants_key(key) {
+            self.batch.filter_out(partition, offset);
+            return Flow::Continue;
+        }
         let op = match incoming.payload() {
             None => Op::Delete,
             Some(payload) if payload.len() > self.settings.limits.max_value_bytes => {
@@ -372,16 +391,25 @@ impl Pipeline<'_> {
                     let why = e.to_string();
                     return self.skip(partition, offset, SkipReason::Undecodable, &why);
                 }
-                Op::Set(self.encoded.clone())
+                match topic.ttl_ms {
+                    None => Op::Set(self.encoded.clone()),
+                    Some(ttl_ms) => {
+                        let now = crate::sink::now_ms();
+                        let expire_at = incoming.timestamp_ms().unwrap_or(now) + ttl_ms;
+                        if expire_at <= now {
+                            // Already older than its TTL: the key must not exist.
+                            Op::Delete
+                        } else {
+                            Op::SetUntil(self.encoded.clone(), expire_at)
+                        }
+                    }
+                }
             }
         };
         let mut redis_key = Vec::with_capacity(topic.key_prefix.len() + key.len());
         redis_key.extend_from_slice(&topic.key_prefix);
         redis_key.extend_from_slice(key);
-        let value_len = match &op {
-            Op::Set(v) => v.len(),
-            Op::Delete => 0,
-        };
+        let value_len = crate::batch::op_len(&op);
         if self.batch.is_full_for(redis_key.len(), value_len) {
             match self.flush(source).await {
                 Flow::Continue => {}
@@ -575,7 +603,8 @@ impl Pipeline<'_> {
                     return;
                 };
                 source.mark_reachable();
-                let new: Vec<(PartitionId, Start)> = found
+                let new: Vec<(PartitionId, Start)> = self
+                    .in_scope(found)
                     .into_iter()
                     .filter(|p| !self.positions.contains_key(p))
                     .map(|p| (p, self.stored.start(p.0, p.1)))

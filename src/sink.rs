@@ -26,12 +26,15 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const APPLY_SCRIPT: &str = r#"
 -- KEYS[1] marker, KEYS[2] offsets hash, KEYS[3] status hash, KEYS[4..] data keys
 -- ARGV[1] token, ARGV[2] n_offsets, ARGV[3] n_counters, ARGV[4] now_ms,
+-- ARGV[5] channel to PUBLISH changes on ('' for none),
 -- then n_offsets (field, next offset) pairs, n_counters (name, delta) pairs,
--- then one (op, value) pair per data key: op "s" = SET value, "d" = DEL.
+-- then one (op, value) pair per data key: op "s" = SET value, "d" = DEL,
+-- "x<ms>" = SET value expiring at Unix time <ms>.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
 end
-local a = 5
+local channel = ARGV[5]
+local a = 6
 for i = 1, tonumber(ARGV[2]) do
   redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 1])
   a = a + 2
@@ -41,10 +44,16 @@ for i = 1, tonumber(ARGV[3]) do
   a = a + 2
 end
 for k = 4, #KEYS do
-  if ARGV[a] == 's' then
+  local op = ARGV[a]
+  if op == 'd' then
+    redis.call('DEL', KEYS[k])
+  elseif op == 's' then
     redis.call('SET', KEYS[k], ARGV[a + 1])
   else
-    redis.call('DEL', KEYS[k])
+    redis.call('SET', KEYS[k], ARGV[a + 1], 'PXAT', string.sub(op, 2))
+  end
+  if channel ~= '' then
+    redis.call('PUBLISH', channel, (op == 'd' and 'del ' or 'set ') .. KEYS[k])
   end
   a = a + 2
 end
@@ -89,6 +98,10 @@ impl From<redis::RedisError> for SinkError {
             )
         {
             SinkError::Unreachable(e.to_string())
+        } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
+            SinkError::Refused(format!(
+                "authentication failed (check the user and password in redis.url or redis.password_file): {e}"
+            ))
         } else {
             SinkError::Refused(e.to_string())
         }
@@ -129,15 +142,28 @@ pub struct Sink {
     token: String,
     apply: Script,
     init: Script,
-    /// Reused argument buffers, so a batch allocates nothing per record here.
     topic_names: Vec<String>,
+    publish_channel: Option<String>,
 }
 
 impl Sink {
     /// Parses the URL; connects lazily on first use, so a Redis that is down
     /// at start is retried like one that goes down later.
-    pub fn new(url: &str, namespace: &str, topic_names: Vec<String>) -> Result<Sink, SinkError> {
-        let client = Client::open(url).map_err(|e| SinkError::Refused(e.to_string()))?;
+    pub fn new(
+        url: &str,
+        password: Option<&str>,
+        namespace: &str,
+        topic_names: Vec<String>,
+        publish_channel: Option<String>,
+    ) -> Result<Sink, SinkError> {
+        use redis::IntoConnectionInfo;
+        let mut info = url
+            .into_connection_info()
+            .map_err(|e| SinkError::Refused(e.to_string()))?;
+        if let Some(password) = password {
+            info.redis.password = Some(password.to_owned());
+        }
+        let client = Client::open(info).map_err(|e| SinkError::Refused(e.to_string()))?;
         Ok(Sink {
             client,
             connection: None,
@@ -146,6 +172,7 @@ impl Sink {
             apply: Script::new(APPLY_SCRIPT),
             init: Script::new(INIT_SCRIPT),
             topic_names,
+            publish_channel,
         })
     }
 
@@ -234,19 +261,22 @@ impl Sink {
             .key(&self.keys.offsets)
             .key(&self.keys.status);
         let counts = batch.counts();
-        let counters: Vec<(&str, u64)> = std::iter::once(("records", counts.records))
-            .chain(
-                SkipReason::ALL
-                    .iter()
-                    .map(|r| (r.counter(), counts.skipped[*r as usize])),
-            )
-            .filter(|(_, n)| *n > 0)
-            .collect();
+        let counters: Vec<(&str, u64)> =
+            [("records", counts.records), ("filtered", counts.filtered)]
+                .into_iter()
+                .chain(
+                    SkipReason::ALL
+                        .iter()
+                        .map(|r| (r.counter(), counts.skipped[*r as usize])),
+                )
+                .filter(|(_, n)| *n > 0)
+                .collect();
         invocation
             .arg(&self.token)
             .arg(batch.next_offsets().len())
             .arg(counters.len())
-            .arg(now_ms());
+            .arg(now_ms())
+            .arg(self.publish_channel.as_deref().unwrap_or(""));
         for (&(topic_idx, partition), next) in batch.next_offsets() {
             invocation
                 .arg(offset_field(&self.topic_names[topic_idx], partition))
@@ -259,6 +289,9 @@ impl Sink {
             invocation.key(key.as_slice());
             match op {
                 Op::Set(value) => invocation.arg("s").arg(value.as_slice()),
+                Op::SetUntil(value, at_ms) => {
+                    invocation.arg(format!("x{at_ms}")).arg(value.as_slice())
+                }
                 Op::Delete => invocation.arg("d").arg(""),
             };
         }

@@ -643,3 +643,189 @@ fn foreign_keys_are_never_touched() {
         );
     }
 }
+
+/// Scope and extras: key prefix and regex filters, a partition subset, a
+/// TTL from the record timestamp, and change notifications. Filtered
+/// records are not written but still advance offsets.
+#[test]
+fn filters_partitions_ttl_and_publish() {
+    let site = unique("s-site");
+    let devices = unique("s-dev");
+    create_topic(&site, 3);
+    create_topic(&devices, 1);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scope.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n[redis]\nurl = \"{}\"\npublish_channel = \"changes\"\n\
+             [[topics]]\nname = \"{site}\"\nkey_prefix = \"site7:\"\n\
+             only_keys_with_prefix = \"site-7/\"\npartitions = [0, 1]\n\
+             [[topics]]\nname = \"{devices}\"\nkey_prefix = \"dev:\"\n\
+             only_keys_matching = \"^dev-[0-9]+$\"\nttl_secs = 4\n",
+            brokers(),
+            redis.url()
+        ),
+    )
+    .unwrap();
+    // Subscribe before anything is applied.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut sub_conn = client.get_connection().unwrap();
+    let subscriber = std::thread::spawn(move || {
+        let mut pubsub = sub_conn.as_pubsub();
+        pubsub.subscribe("changes").unwrap();
+        pubsub
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        while let Ok(message) = pubsub.get_message() {
+            if tx.send(message.get_payload::<String>().unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut site_producer = TestProducer::new(&site);
+    for partition in 0..3 {
+        for prefix in ["site-7/", "site-8/"] {
+            let key = format!("{prefix}k{partition}");
+            site_producer.send_to(
+                Some(key.as_bytes()),
+                Some(br#"{"ok":true}"#),
+                Some(partition),
+            );
+        }
+    }
+    site_producer.flush();
+    let mut dev_producer = TestProducer::new(&devices);
+    let now = edgecache::sink::now_ms();
+    for key in ["dev-1", "dev-x", "dev-22"] {
+        dev_producer.send_full(Some(key.as_bytes()), Some(b"{\"t\":1}"), None, Some(now));
+    }
+    // Older than its TTL already: must not appear.
+    dev_producer.send_full(Some(b"dev-3"), Some(b"{\"t\":1}"), None, Some(now - 60_000));
+    dev_producer.flush();
+
+    let config = path.clone();
+    let _agent = Agent::start(&config);
+    wait_until(CONVERGE, "filtered records counted", || {
+        redis.status_counter("filtered") == 3 && redis.status_counter("records") == 5
+    });
+    let site_keys: Vec<Vec<u8>> = redis.dump("site7:").into_keys().collect();
+    assert_eq!(
+        site_keys,
+        vec![b"site7:site-7/k0".to_vec(), b"site7:site-7/k1".to_vec()]
+    );
+    let dev_keys: Vec<Vec<u8>> = redis.dump("dev:").into_keys().collect();
+    assert_eq!(
+        dev_keys,
+        vec![b"dev:dev-1".to_vec(), b"dev:dev-22".to_vec()]
+    );
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("dev:dev-1")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 4000, "PTTL {pttl}");
+    let offsets = redis.hgetall("edgecache:offsets");
+    assert_eq!(
+        offsets.get(&format!("{site}/0")).map(String::as_str),
+        Some("2")
+    );
+    assert_eq!(
+        offsets.get(&format!("{site}/1")).map(String::as_str),
+        Some("2")
+    );
+    assert!(!offsets.contains_key(&format!("{site}/2")), "{offsets:?}");
+    assert_eq!(
+        offsets.get(&format!("{devices}/0")).map(String::as_str),
+        Some("4")
+    );
+
+    let mut published = std::collections::BTreeSet::new();
+    while let Ok(message) = rx.recv_timeout(Duration::from_secs(2)) {
+        published.insert(message);
+    }
+    for expected in [
+        "set site7:site-7/k0",
+        "set site7:site-7/k1",
+        "set dev:dev-1",
+        "del dev:dev-3",
+    ] {
+        assert!(
+            published.contains(expected),
+            "{expected} not in {published:?}"
+        );
+    }
+    assert!(
+        !published.iter().any(|m| m.contains("site-8")),
+        "{published:?}"
+    );
+    drop(rx);
+    // The TTL runs out: silent devices disappear.
+    wait_until(Duration::from_secs(10), "TTL expiry", || {
+        redis.dump("dev:").is_empty()
+    });
+    drop(subscriber);
+}
+
+/// Redis with a password read from a file; a wrong password gets a clear
+/// message (and retries) rather than a crash.
+#[test]
+fn redis_password_from_file() {
+    let topic = unique("r-auth");
+    create_topic(&topic, 1);
+    let redis = Redis::start(false);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret-pw")
+        .query(&mut redis.conn())
+        .unwrap();
+    let authed =
+        redis::Client::open(format!("redis://:s3cret-pw@127.0.0.1:{}/0", redis.port)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("redis-password"), "wrong\n").unwrap();
+    let write_config = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[kafka]\nbrokers = \"{}\"\n[redis]\nurl = \"{}\"\npassword_file = \"redis-password\"\n\
+                 [[topics]]\nname = \"{topic}\"\nkey_prefix = \"device:\"\n",
+                brokers(),
+                redis.url()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let config = write_config("auth.toml");
+    let mut producer = TestProducer::new(&topic);
+    producer.put("k", Some(r#"{"v":1}"#));
+    producer.flush();
+
+    let mut agent = Agent::start(&config);
+    wait_until(CONVERGE, "a clear authentication error", || {
+        agent.log_text().contains("authentication failed")
+    });
+    assert!(agent.is_running());
+    assert!(
+        !agent.log_text().contains("wrong"),
+        "the password leaked into the log"
+    );
+    agent.sigterm();
+
+    std::fs::write(dir.path().join("redis-password"), "s3cret-pw\n").unwrap();
+    let _agent = Agent::start(&config);
+    wait_until(CONVERGE, "the record mirrored", || {
+        let mut conn = authed.get_connection().unwrap();
+        redis::cmd("EXISTS")
+            .arg("device:k")
+            .query::<bool>(&mut conn)
+            .unwrap()
+    });
+    let (code, stdout, _) = run_cli(&["get", "--config", config.to_str().unwrap(), "device:k"]);
+    assert_eq!((code, stdout.trim()), (0, r#"{"v":1}"#));
+}

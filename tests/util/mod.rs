@@ -133,6 +133,17 @@ impl TestProducer {
     }
 
     pub fn send_to(&mut self, key: Option<&[u8]>, value: Option<&[u8]>, partition: Option<i32>) {
+        self.send_full(key, value, partition, None);
+    }
+
+    /// Sends with every option: explicit partition and record timestamp.
+    pub fn send_full(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        partition: Option<i32>,
+        timestamp_ms: Option<i64>,
+    ) {
         loop {
             let mut record: BaseRecord<'_, [u8], [u8], Box<u64>> =
                 BaseRecord::with_opaque_to(&self.topic, Box::new(self.n_sent));
@@ -144,6 +155,9 @@ impl TestProducer {
             }
             if let Some(partition) = partition {
                 record = record.partition(partition);
+            }
+            if let Some(timestamp_ms) = timestamp_ms {
+                record = record.timestamp(timestamp_ms);
             }
             match self.producer.send(record) {
                 Ok(()) => break,
