@@ -214,6 +214,15 @@ impl Pipeline<'_> {
         Ok(())
     }
 
+    /// The state once an unreachable service answers again.
+    fn reachable_state(&self) -> State {
+        if self.caught_up {
+            State::Live
+        } else {
+            State::CatchingUp
+        }
+    }
+
     fn stopping(&self) -> bool {
         *self.stop.borrow()
     }
@@ -480,11 +489,7 @@ impl Pipeline<'_> {
                     self.last_apply = Instant::now();
                     if self.state == State::RedisUnreachable {
                         info!("Redis reachable again");
-                        self.state = if self.caught_up {
-                            State::Live
-                        } else {
-                            State::CatchingUp
-                        };
+                        self.state = self.reachable_state();
                     }
                     return Flow::Continue;
                 }
@@ -542,7 +547,8 @@ impl Pipeline<'_> {
             match self.sink.still_ours().await {
                 Ok(true) => {
                     if self.state == State::RedisUnreachable {
-                        self.state = State::CatchingUp;
+                        info!("Redis reachable again");
+                        self.state = self.reachable_state();
                     }
                 }
                 Ok(false) => {
@@ -567,11 +573,7 @@ impl Pipeline<'_> {
         } else {
             if self.state == State::KafkaUnreachable {
                 info!("Kafka reachable again");
-                self.state = if self.caught_up {
-                    State::Live
-                } else {
-                    State::CatchingUp
-                };
+                self.state = self.reachable_state();
             }
             if !self.caught_up && self.batch.is_empty() {
                 self.check_caught_up(source);

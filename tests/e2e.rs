@@ -28,13 +28,14 @@ fn stored_offsets_sum(redis: &Redis, topic: &str) -> u64 {
 /// ends deleted.
 #[test]
 fn a_updates_and_tombstones_converge() {
-    let topic = unique("a-updates");
-    create_topic(&topic, 3);
-    let redis = Redis::start(false);
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        topic,
+        redis,
+        dir,
+        mut producer,
+        mut rng,
+    } = Setup::new("a-updates", 3, false, 0xa11ce);
     let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
-    let mut producer = TestProducer::new(&topic);
-    let mut rng = Rng::new(0xa11ce);
     producer.random_states(&mut rng, 3000, 200);
     // Same key set then deleted back to back: lands in one batch.
     producer.put("flip", Some(r#"{"x":1}"#));
@@ -42,26 +43,14 @@ fn a_updates_and_tombstones_converge() {
     producer.flush();
 
     let _agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     assert!(!redis
         .dump("device:")
         .contains_key(b"device:flip".as_slice()));
 
     // Live: more records while the agent runs.
     producer.random_states(&mut rng, 500, 200);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     wait_until(CONVERGE, "records counter to reach the total", || {
         redis.status_counter("records") == producer.n_sent
     });
@@ -78,23 +67,18 @@ fn a_updates_and_tombstones_converge() {
 /// agent read from the start again it would exceed the number produced.
 #[test]
 fn b_restart_resumes_from_stored_offsets() {
-    let topic = unique("b-resume");
-    create_topic(&topic, 3);
-    let redis = Redis::start(false);
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        topic,
+        redis,
+        dir,
+        mut producer,
+        mut rng,
+    } = Setup::new("b-resume", 3, false, 0xb0b);
     let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
-    let mut producer = TestProducer::new(&topic);
-    let mut rng = Rng::new(0xb0b);
     producer.random_states(&mut rng, 2000, 300);
 
     let mut agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     wait_until(CONVERGE, "first run counted everything", || {
         redis.status_counter("records") == producer.n_sent
     });
@@ -105,13 +89,7 @@ fn b_restart_resumes_from_stored_offsets() {
 
     producer.random_states(&mut rng, 700, 300);
     let agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     wait_until(CONVERGE, "second run counted only new records", || {
         redis.status_counter("records") >= producer.n_sent
     });
@@ -173,13 +151,7 @@ fn c_sigkill_mid_stream_converges() {
         "every kill came after the end: test proves nothing"
     );
     let _agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     wait_until(CONVERGE, "all records counted", || {
         redis.status_counter("records") >= producer.n_sent
     });
@@ -191,32 +163,21 @@ fn c_sigkill_mid_stream_converges() {
 /// arrive), rehydrates from the earliest offsets, without a restart.
 #[test]
 fn d_flushall_rehydrates_without_restart() {
-    let topic = unique("d-flush");
-    create_topic(&topic, 3);
-    let redis = Redis::start(false);
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        topic,
+        redis,
+        dir,
+        mut producer,
+        mut rng,
+    } = Setup::new("d-flush", 3, false, 0xd00d);
     let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
-    let mut producer = TestProducer::new(&topic);
-    let mut rng = Rng::new(0xd00d);
     producer.random_states(&mut rng, 2000, 150);
 
     let mut agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     let _: () = redis::cmd("FLUSHALL").query(&mut redis.conn()).unwrap();
     assert!(redis.dump("device:").is_empty());
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     assert!(
         agent.is_running(),
         "the agent must rehydrate without a restart"
@@ -227,21 +188,9 @@ fn d_flushall_rehydrates_without_restart() {
     let mut redis = redis;
     redis.restart();
     assert!(redis.dump("device:").is_empty());
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     producer.random_states(&mut rng, 300, 150);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     assert!(agent.is_running());
 }
 
@@ -273,13 +222,7 @@ fn e_bad_records_are_skipped_and_counted() {
     producer.flush();
 
     let agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     wait_until(CONVERGE, "offsets past the last record", || {
         stored_offsets_sum(&redis, &topic) == producer.n_sent
     });
@@ -398,22 +341,17 @@ fn bad_config_is_rejected_before_connecting() {
 /// marked as applied (it converges after Redis returns).
 #[test]
 fn sigterm_while_redis_is_down_exits_promptly() {
-    let topic = unique("g-term");
-    create_topic(&topic, 1);
-    let mut redis = Redis::start(true);
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        topic,
+        mut redis,
+        dir,
+        mut producer,
+        mut rng,
+    } = Setup::new("g-term", 1, true, 7);
     let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
-    let mut producer = TestProducer::new(&topic);
-    let mut rng = Rng::new(7);
     producer.random_states(&mut rng, 100, 20);
     let mut agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
 
     redis.kill();
     producer.random_states(&mut rng, 100, 20);
@@ -424,13 +362,7 @@ fn sigterm_while_redis_is_down_exits_promptly() {
 
     redis.restart();
     let _agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
 }
 
 /// Under systemd (Type=notify): READY=1 once caught up, WATCHDOG=1 pings
@@ -514,13 +446,7 @@ fn new_partitions_are_picked_up() {
     let mut producer = TestProducer::new(&topic);
     producer.random_states(&mut Rng::new(11), 100, 30);
     let _agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
 
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -550,13 +476,7 @@ fn new_partitions_are_picked_up() {
             .insert(key.into_bytes(), Some(value.into_bytes()));
     }
     producer.flush();
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     let offsets = redis.hgetall("edgecache:offsets");
     assert!(offsets.contains_key(&format!("{topic}/2")), "{offsets:?}");
 }
@@ -598,13 +518,7 @@ fn foreign_keys_are_never_touched() {
     let mut rng = Rng::new(8);
     producer.random_states(&mut rng, 500, 60);
     let agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
     // Lost state without a flush: the agent rebuilds next to other apps' keys.
     let _: () = redis::cmd("DEL")
         .arg("edgecache:marker")
@@ -615,13 +529,7 @@ fn foreign_keys_are_never_touched() {
         agent.log_text().contains("Redis lost the agent's state")
             && redis.status_counter("records") == producer.n_sent
     });
-    assert_converges(
-        &redis,
-        "device:",
-        StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    converges(&redis, &producer);
 
     for (key, value) in &foreign {
         let got: Option<String> = redis::cmd("GET").arg(key).query(&mut conn).unwrap();

@@ -83,15 +83,16 @@ fn redis_and_kafka_outages() {
             .map(|s| s.parse().unwrap())
             .unwrap_or(30),
     );
-    let topic = unique("outage");
-    create_topic(&topic, 3);
-    let mut redis = Redis::start(true);
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        topic,
+        mut redis,
+        dir,
+        mut producer,
+        mut rng,
+    } = Setup::new("outage", 3, true, 0x0a7a6e);
     let mut config = AgentConfig::new(redis.url(), &topic, "device:");
     config.extra_agent = format!("memory_budget_mib = {BUDGET_MIB}");
     let config = config.write(dir.path());
-    let mut producer = TestProducer::new(&topic);
-    let mut rng = Rng::new(0x0a7a6e);
     producer.random_states(&mut rng, 20_000, 3000);
     let mut agent = Agent::start(&config);
     let rss = RssSampler::start(agent.pid());

@@ -223,44 +223,74 @@ impl TestProducer {
 
     /// Like `random_states`, but each value carries its record number `n`.
     pub fn numbered_states(&mut self, rng: &mut Rng, n_records: usize, n_keys: u64) {
-        for _ in 0..n_records {
-            let key = format!("sensor-{}", rng.below(n_keys));
-            if rng.below(10) == 0 {
-                self.put(&key, None);
-            } else {
-                let value = format!(
-                    r#"{{"n":{},"temp":{}.{},"on":{}}}"#,
-                    self.n_sent,
-                    rng.below(40),
-                    rng.below(10),
-                    rng.below(2) == 1
-                );
-                self.put(&key, Some(&value));
-            }
-        }
-        self.flush();
+        self.states(rng, n_records, n_keys, true);
     }
 
     /// Random JSON device states over `n_keys` keys, ~10% tombstones.
     pub fn random_states(&mut self, rng: &mut Rng, n_records: usize, n_keys: u64) {
+        self.states(rng, n_records, n_keys, false);
+    }
+
+    fn states(&mut self, rng: &mut Rng, n_records: usize, n_keys: u64, numbered: bool) {
         for _ in 0..n_records {
             let key = format!("sensor-{}", rng.below(n_keys));
             if rng.below(10) == 0 {
                 self.put(&key, None);
-            } else {
-                let value = format!(
-                    r#"{{"temp":{}.{},"on":{},"fw":"1.{}","seq":{}}}"#,
-                    rng.below(40),
-                    rng.below(10),
-                    rng.below(2) == 1,
-                    rng.below(5),
-                    rng.below(1_000_000)
-                );
-                self.put(&key, Some(&value));
+                continue;
             }
+            let number = if numbered {
+                format!(r#""n":{},"#, self.n_sent)
+            } else {
+                String::new()
+            };
+            let value = format!(
+                r#"{{{number}"temp":{}.{},"on":{},"fw":"1.{}","seq":{}}}"#,
+                rng.below(40),
+                rng.below(10),
+                rng.below(2) == 1,
+                rng.below(5),
+                rng.below(1_000_000)
+            );
+            self.put(&key, Some(&value));
         }
         self.flush();
     }
+}
+
+/// The usual start of a test: a fresh compacted topic, a redis-server of its
+/// own (with an append-only file if `aof`), a temp dir, a producer and a
+/// seeded generator.
+pub struct Setup {
+    pub topic: String,
+    pub redis: Redis,
+    pub dir: tempfile::TempDir,
+    pub producer: TestProducer,
+    pub rng: Rng,
+}
+
+impl Setup {
+    pub fn new(name: &str, partitions: i32, aof: bool, seed: u64) -> Setup {
+        let topic = unique(name);
+        create_topic(&topic, partitions);
+        Setup {
+            redis: Redis::start(aof),
+            dir: tempfile::tempdir().unwrap(),
+            producer: TestProducer::new(&topic),
+            rng: Rng::new(seed),
+            topic,
+        }
+    }
+}
+
+/// Waits until the `device:` keyspace (postcard) equals the oracle.
+pub fn converges(redis: &Redis, producer: &TestProducer) {
+    assert_converges(
+        redis,
+        "device:",
+        StoreFormat::Postcard,
+        producer,
+        Duration::from_secs(60),
+    );
 }
 
 /// Small seeded generator so failures can be replayed.
