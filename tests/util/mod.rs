@@ -573,8 +573,12 @@ pub struct Agent {
     pub log: PathBuf,
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_edgecache")
+/// The agent binary under test. `EDGECACHE_TEST_BIN` points the tests at
+/// another build, e.g. a wrapper that runs the aarch64 binary under qemu
+/// (targets/qemu-smoke.sh).
+pub fn bin() -> String {
+    std::env::var("EDGECACHE_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgecache").to_owned())
 }
 
 impl Agent {
