@@ -209,16 +209,22 @@ async fn status(settings: &Settings, json: bool) -> ExitCode {
             ExitCode::FAILURE
         }
         Ok(fields) => {
+            let fields: std::collections::BTreeMap<String, String> = fields.into_iter().collect();
             if json {
+                // Numbers as numbers, so scripts need no parsing.
                 let map: serde_json::Map<String, serde_json::Value> = fields
                     .into_iter()
-                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .map(|(k, v)| {
+                        let value = v
+                            .parse::<i64>()
+                            .map(serde_json::Value::from)
+                            .unwrap_or(serde_json::Value::String(v));
+                        (k, value)
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Object(map));
             } else {
-                for (k, v) in fields {
-                    println!("{k:>22}  {v}");
-                }
+                print!("{}", human_status(&fields, crate::sink::now_ms()));
             }
             ExitCode::SUCCESS
         }
@@ -227,6 +233,39 @@ async fn status(settings: &Settings, json: bool) -> ExitCode {
             ExitCode::from(3)
         }
     }
+}
+
+/// The status hash as a short summary with ages instead of timestamps.
+fn human_status(fields: &std::collections::BTreeMap<String, String>, now_ms: i64) -> String {
+    let get = |k: &str| fields.get(k).map(String::as_str).unwrap_or("0");
+    let age = |k: &str| match fields.get(k).and_then(|v| v.parse::<i64>().ok()) {
+        Some(ms) => format!("{:.0} s ago", ((now_ms - ms).max(0) as f64) / 1000.0),
+        None => "never".to_owned(),
+    };
+    let mut out = String::new();
+    out.push_str(&format!(
+        "state         {} (since {})\n",
+        fields.get("state").map(String::as_str).unwrap_or("unknown"),
+        age("state_since_ms")
+    ));
+    out.push_str(&format!("lag           {} records\n", get("lag")));
+    out.push_str(&format!("last applied  {}\n", age("last_applied_ms")));
+    out.push_str(&format!(
+        "records       {} applied, {} filtered; skipped: {} undecodable, {} without key, {} oversize\n",
+        get("records"),
+        get("filtered"),
+        get("skipped_undecodable"),
+        get("skipped_no_key"),
+        get("skipped_oversize")
+    ));
+    out.push_str(&format!(
+        "version       {}\n",
+        fields
+            .get("version")
+            .map(String::as_str)
+            .unwrap_or("unknown")
+    ));
+    out
 }
 
 /// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
@@ -242,5 +281,31 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_status_shows_ages_and_counters() {
+        let fields = [
+            ("state", "live"),
+            ("state_since_ms", "1000"),
+            ("last_applied_ms", "9000"),
+            ("records", "42"),
+            ("skipped_no_key", "1"),
+            ("lag", "0"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let text = human_status(&fields, 11_000);
+        assert!(text.contains("live (since 10 s ago)"), "{text}");
+        assert!(text.contains("last applied  2 s ago"), "{text}");
+        assert!(text.contains("42 applied, 0 filtered"), "{text}");
+        assert!(text.contains("1 without key"), "{text}");
+        assert!(text.contains("version       unknown"), "{text}");
     }
 }

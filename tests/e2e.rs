@@ -60,6 +60,16 @@ fn a_updates_and_tombstones_converge() {
         status.get("state").map(String::as_str) == Some("live")
             && status.get("lag").map(String::as_str) == Some("0")
     });
+    // The same, as `edgecache status` prints it for people and scripts.
+    let (code, stdout, stderr) =
+        run_cli(&["status", "--config", config.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["records"], serde_json::json!(producer.n_sent));
+    assert_eq!(status["state"], "live");
+    let (code, stdout, _) = run_cli(&["status", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("state         live"), "{stdout}");
 }
 
 /// (b) Stop and restart: the agent resumes from the offsets stored in Redis.
