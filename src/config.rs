@@ -47,6 +47,10 @@ pub struct AgentConfig {
     /// How often topic metadata is read again to notice partitions added to
     /// a topic (or a topic created after start), in seconds (1..=3600).
     pub partition_discovery_secs: u64,
+    /// Under systemd, READY=1 is sent once caught up, or after this many
+    /// seconds even if not (Kafka unreachable at boot must not fail the
+    /// unit); keep it below the unit's TimeoutStartSec (1..=3600).
+    pub ready_timeout_secs: u64,
 }
 
 impl Default for AgentConfig {
@@ -55,6 +59,7 @@ impl Default for AgentConfig {
             memory_budget_mib: 32,
             max_batch_records: 1024,
             partition_discovery_secs: 30,
+            ready_timeout_secs: 60,
         }
     }
 }
@@ -283,6 +288,13 @@ impl Settings {
             ));
         }
         let limits = Limits::from_budget(budget, max_batch);
+        let ready = config.agent.ready_timeout_secs;
+        if !(1..=3600).contains(&ready) {
+            return Err(err(
+                "agent.ready_timeout_secs",
+                format!("{ready} is outside 1..=3600"),
+            ));
+        }
         let discovery = config.agent.partition_discovery_secs;
         if !(1..=3600).contains(&discovery) {
             return Err(err(

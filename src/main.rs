@@ -17,5 +17,10 @@ fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
-    runtime.block_on(edgecache::cli::execute(cli))
+    let code = runtime.block_on(edgecache::cli::execute(cli));
+    // A metadata request to an unreachable broker may still be running on
+    // the blocking pool; dropping the runtime would wait for it (up to its
+    // 10 s timeout), while systemd expects a prompt exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }

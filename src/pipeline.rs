@@ -28,9 +28,6 @@ use tracing::{debug, error, info, warn};
 /// How often the idle checks run: marker still there (G4), partitions,
 /// caught-up state, Kafka reachability.
 const TICK: Duration = Duration::from_secs(1);
-/// Without catching up, READY=1 is still sent this long after start (a WAN
-/// outage at boot must not fail the unit); STATUS then says why.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a progress line is logged while catching up.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// At most this many bad-record lines per window; the rest are counted.
@@ -111,7 +108,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         written_state: None,
         notified_state: None,
         notify: Notifier::from_env(),
-        started: Instant::now(),
+        ready_by: Instant::now() + Duration::from_secs(settings.config.agent.ready_timeout_secs),
         lag: None,
         written_lag: None,
         progress_at: Instant::now(),
@@ -133,6 +130,16 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     }
 }
 
+/// Tells systemd the loop is alive (WATCHDOG=1), and READY=1 once the start
+/// timeout passed even if not caught up: a WAN outage at boot must not fail
+/// the unit. Called from every place the loop waits.
+fn liveness(notify: &mut Notifier, ready_by: Instant, state: State) {
+    notify.watchdog();
+    if !notify.is_ready() && Instant::now() >= ready_by {
+        notify.ready(&format!("started; not caught up yet ({})", state.as_str()));
+    }
+}
+
 struct Pipeline<'s> {
     settings: &'s Settings,
     sink: Sink,
@@ -146,7 +153,8 @@ struct Pipeline<'s> {
     written_state: Option<State>,
     notified_state: Option<State>,
     notify: Notifier,
-    started: Instant,
+    /// When READY=1 is due even if not caught up (`agent.ready_timeout_secs`).
+    ready_by: Instant,
     /// Last computed lag and the value last written to the status hash.
     lag: Option<u64>,
     written_lag: Option<u64>,
@@ -167,8 +175,14 @@ struct Pipeline<'s> {
 
 impl Pipeline<'_> {
     async fn run(&mut self, source: &Source) -> Result<(), RunError> {
+        self.run_until_stopped(source).await;
+        self.shutdown().await;
+        Ok(())
+    }
+
+    async fn run_until_stopped(&mut self, source: &Source) {
         if self.connect_redis().await == Flow::Stop {
-            return Ok(());
+            return;
         }
         if self.sink.aof_enabled().await == Some(false) {
             warn!(
@@ -178,7 +192,7 @@ impl Pipeline<'_> {
             );
         }
         if self.discover_and_assign(source).await == Flow::Stop {
-            return Ok(());
+            return;
         }
 
         let mut tick = tokio::time::interval(TICK);
@@ -210,8 +224,6 @@ impl Pipeline<'_> {
                 break;
             }
         }
-        self.shutdown().await;
-        Ok(())
     }
 
     /// The state once an unreachable service answers again.
@@ -233,7 +245,7 @@ impl Pipeline<'_> {
     async fn pause(&mut self, delay: Duration) -> Flow {
         let deadline = tokio::time::Instant::now() + delay;
         loop {
-            self.notify.watchdog();
+            liveness(&mut self.notify, self.ready_by, self.state);
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Flow::Continue;
@@ -253,9 +265,19 @@ impl Pipeline<'_> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             let mut stop = self.stop.clone();
-            let outcome = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return Flow::Stop,
-                outcome = self.sink.init() => outcome,
+            // Redis calls time out after seconds; keep systemd informed meanwhile.
+            let outcome = {
+                let init = self.sink.init();
+                tokio::pin!(init);
+                loop {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return Flow::Stop,
+                        outcome = &mut init => break outcome,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            liveness(&mut self.notify, self.ready_by, self.state);
+                        }
+                    }
+                }
             };
             match outcome {
                 Ok(outcome) => {
@@ -295,9 +317,19 @@ impl Pipeline<'_> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         loop {
             let mut stop = self.stop.clone();
-            let found = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return Flow::Stop,
-                found = source.discover() => found,
+            // A metadata request may wait many seconds for an absent broker.
+            let found = {
+                let discover = source.discover();
+                tokio::pin!(discover);
+                loop {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return Flow::Stop,
+                        found = &mut discover => break found,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            liveness(&mut self.notify, self.ready_by, self.state);
+                        }
+                    }
+                }
             };
             match found {
                 Ok(partitions) => {
@@ -537,11 +569,7 @@ impl Pipeline<'_> {
 
     /// Idle-time checks, once per tick.
     async fn housekeeping(&mut self, source: &Source) -> Flow {
-        self.notify.watchdog();
-        if !self.notify.is_ready() && self.started.elapsed() >= READY_TIMEOUT {
-            let status = format!("started; not caught up yet ({})", self.state.as_str());
-            self.notify.ready(&status);
-        }
+        liveness(&mut self.notify, self.ready_by, self.state);
         // G4: notice a flushed Redis even when no records arrive.
         if self.last_apply.elapsed() >= TICK {
             match self.sink.still_ours().await {

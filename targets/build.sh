@@ -10,9 +10,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T=${1:?usage: targets/build.sh TARGET}
 
-# Debian packages for a target: C/C++ cross compilers (librdkafka is built by
-# cmake with the target's C compiler; its cmake probes need a C++ compiler even
-# though nothing C++ is linked), cmake, and perl for OpenSSL's Configure.
+# Debian packages for a target: C/C++ cross compilers (rdkafka-sys builds
+# librdkafka with cmake, which also builds the C++ wrapper librdkafka++.a even
+# though edgecache never links it), cmake, and perl for OpenSSL's Configure.
 apt_need() {
   local missing=()
   for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

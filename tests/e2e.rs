@@ -747,3 +747,65 @@ fn redis_password_from_file() {
     let (code, stdout, _) = run_cli(&["get", "--config", config.to_str().unwrap(), "device:k"]);
     assert_eq!((code, stdout.trim()), (0, r#"{"v":1}"#));
 }
+
+/// Kafka unreachable at boot: READY=1 still arrives after the ready timeout
+/// (STATUS says why) and the watchdog keeps being pinged while the agent
+/// retries, so systemd neither times out the start nor kills the unit.
+#[test]
+fn sd_notify_ready_when_kafka_is_unreachable() {
+    use std::os::unix::net::UnixDatagram;
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nokafka.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\nready_timeout_secs = 3\n[kafka]\nbrokers = \"127.0.0.1:{}\"\n\
+             [redis]\nurl = \"{}\"\n[[topics]]\nname = \"t\"\nkey_prefix = \"device:\"\n",
+            free_port(),
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut agent = Agent::start_with_env(
+        &path,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    );
+    let mut messages: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(12) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let ready = messages
+        .iter()
+        .find(|m| m.contains("READY=1"))
+        .unwrap_or_else(|| panic!("no READY=1 in {messages:?}"));
+    assert!(ready.contains("not caught up"), "{ready}");
+    let n_watchdog = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        n_watchdog >= 8,
+        "{n_watchdog} watchdog pings in 12 s: {messages:?}"
+    );
+    assert!(agent.is_running());
+    let (status, took) = agent.sigterm();
+    assert!(
+        status.success() && took < Duration::from_secs(5),
+        "{status} {took:?}"
+    );
+    let mut stopping = false;
+    while let Ok(n) = socket.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM");
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# CI's edge-deployment checks (called by .ci/run after the test suite):
+# 1. build the fully static aarch64 binary (musl, targets/build.sh);
+# 2. run it under qemu-user: the smoke in targets/qemu-smoke.sh, then the
+#    end-to-end tests that cover mirror, tombstones, restart-resume, kill,
+#    rehydrate and every store format, against the real broker and Redis;
+# 3. check the systemd unit (verify + security exposure <= 2.0).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+T=aarch64-unknown-linux-musl
+
+bash targets/build.sh "$T"
+bash targets/qemu-smoke.sh "$T"
+bash targets/check-unit.sh
+
+started_kafka=no
+if ! bash tests/services.sh kafka-status; then
+  bash tests/services.sh kafka-start
+  started_kafka=yes
+fi
+stop_kafka() { [[ $started_kafka == yes ]] && bash tests/services.sh kafka-stop; true; }
+trap stop_kafka EXIT
+
+wrapper=$(bash targets/qemu-smoke.sh --make-wrapper target/qemu/edgecache "$T")
+echo "== end-to-end tests with the $T binary under qemu ($wrapper)"
+EDGECACHE_TEST_BIN=$wrapper cargo test --locked --test e2e -- --test-threads 2 \
+  a_updates b_restart c_sigkill d_flushall e_bad f_store sigterm_while
