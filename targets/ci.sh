@@ -4,7 +4,8 @@
 # 2. run it under qemu-user: the smoke in targets/qemu-smoke.sh, then the
 #    end-to-end tests that cover mirror, tombstones, restart-resume, kill,
 #    rehydrate and every store format, against the real broker and Redis;
-# 3. check the systemd unit (verify + security exposure <= 2.0).
+# 3. check the systemd unit (verify + security exposure <= 2.0);
+# 4. build the arm64 .deb and inspect it (targets/deb.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T=aarch64-unknown-linux-musl
@@ -12,6 +13,7 @@ T=aarch64-unknown-linux-musl
 bash targets/build.sh "$T"
 bash targets/qemu-smoke.sh "$T"
 bash targets/check-unit.sh
+bash targets/deb.sh "$T"
 
 started_kafka=no
 if ! bash tests/services.sh kafka-status; then
