@@ -379,7 +379,6 @@ fn sigterm_while_redis_is_down_exits_promptly() {
 /// from the loop, STATUS lines, STOPPING=1 on SIGTERM.
 #[test]
 fn sd_notify_ready_watchdog_and_status() {
-    use std::os::unix::net::UnixDatagram;
     let topic = unique("n-notify");
     create_topic(&topic, 2);
     let redis = Redis::start(false);
@@ -387,30 +386,13 @@ fn sd_notify_ready_watchdog_and_status() {
     let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
     let mut producer = TestProducer::new(&topic);
     producer.random_states(&mut Rng::new(3), 200, 50);
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut agent = Agent::start_with_env(
-        &config,
-        &[
-            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "2000000"),
-        ],
-    );
-    let mut messages: Vec<String> = Vec::new();
-    let start = std::time::Instant::now();
-    let mut buf = [0u8; 4096];
-    while start.elapsed() < Duration::from_secs(30) {
-        if let Ok(n) = socket.recv(&mut buf) {
-            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
+    let mut notify = NotifyListener::bind(dir.path());
+    let mut agent = Agent::start_with_env(&config, &notify.env("2000000"));
+    notify.collect(Duration::from_secs(30), |messages| {
         let n_watchdog = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
-        if messages.iter().any(|m| m.contains("READY=1")) && n_watchdog >= 3 {
-            break;
-        }
-    }
+        messages.iter().any(|m| m.contains("READY=1")) && n_watchdog >= 3
+    });
+    let messages = notify.messages.clone();
     let ready = messages.iter().find(|m| m.contains("READY=1"));
     assert!(ready.is_some(), "no READY=1 in {messages:?}");
     assert!(ready.unwrap().contains("STATUS=live"), "{messages:?}");
@@ -432,11 +414,10 @@ fn sd_notify_ready_watchdog_and_status() {
     );
     let (status, _) = agent.sigterm();
     assert!(status.success());
-    let mut stopping = false;
-    while let Ok(n) = socket.recv(&mut buf) {
-        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
-    }
-    assert!(stopping, "no STOPPING=1 after SIGTERM");
+    notify.collect(Duration::from_secs(2), |m| {
+        m.iter().any(|m| m.contains("STOPPING=1"))
+    });
+    assert_eq!(notify.count("STOPPING=1"), 1, "no STOPPING=1 after SIGTERM");
 }
 
 /// A topic that gains partitions while the agent runs: the new partitions
@@ -753,7 +734,6 @@ fn redis_password_from_file() {
 /// retries, so systemd neither times out the start nor kills the unit.
 #[test]
 fn sd_notify_ready_when_kafka_is_unreachable() {
-    use std::os::unix::net::UnixDatagram;
     let redis = Redis::start(false);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nokafka.toml");
@@ -767,26 +747,10 @@ fn sd_notify_ready_when_kafka_is_unreachable() {
         ),
     )
     .unwrap();
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut agent = Agent::start_with_env(
-        &path,
-        &[
-            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "2000000"),
-        ],
-    );
-    let mut messages: Vec<String> = Vec::new();
-    let mut buf = [0u8; 4096];
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(12) {
-        if let Ok(n) = socket.recv(&mut buf) {
-            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
+    let mut notify = NotifyListener::bind(dir.path());
+    let mut agent = Agent::start_with_env(&path, &notify.env("2000000"));
+    notify.collect(Duration::from_secs(12), |_| false);
+    let messages = notify.messages.clone();
     let ready = messages
         .iter()
         .find(|m| m.contains("READY=1"))
@@ -803,9 +767,8 @@ fn sd_notify_ready_when_kafka_is_unreachable() {
         status.success() && took < Duration::from_secs(5),
         "{status} {took:?}"
     );
-    let mut stopping = false;
-    while let Ok(n) = socket.recv(&mut buf) {
-        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
-    }
-    assert!(stopping, "no STOPPING=1 after SIGTERM");
+    notify.collect(Duration::from_secs(2), |m| {
+        m.iter().any(|m| m.contains("STOPPING=1"))
+    });
+    assert_eq!(notify.count("STOPPING=1"), 1, "no STOPPING=1 after SIGTERM");
 }

@@ -667,6 +667,53 @@ impl Drop for Agent {
     }
 }
 
+/// A stand-in for systemd's notify socket: the agent is started with
+/// `NOTIFY_SOCKET` pointing here and every datagram is collected.
+pub struct NotifyListener {
+    socket: std::os::unix::net::UnixDatagram,
+    pub path: PathBuf,
+    pub messages: Vec<String>,
+}
+
+impl NotifyListener {
+    pub fn bind(dir: &Path) -> NotifyListener {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        NotifyListener {
+            socket,
+            path,
+            messages: Vec::new(),
+        }
+    }
+
+    /// `NOTIFY_SOCKET` and a watchdog of `watchdog_usec`, for `Agent::start_with_env`.
+    pub fn env(&self, watchdog_usec: &'static str) -> [(&str, &str); 2] {
+        [
+            ("NOTIFY_SOCKET", self.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", watchdog_usec),
+        ]
+    }
+
+    /// Collects datagrams for up to `timeout`, or until `done` holds.
+    pub fn collect(&mut self, timeout: Duration, done: impl Fn(&[String]) -> bool) {
+        let start = Instant::now();
+        let mut buf = [0u8; 4096];
+        while start.elapsed() < timeout && !done(&self.messages) {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                self.messages
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.messages.iter().filter(|m| m.contains(needle)).count()
+    }
+}
+
 /// Runs `edgecache ARGS...` to completion.
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin()).args(args).output().unwrap();
