@@ -140,6 +140,25 @@ fn liveness(notify: &mut Notifier, ready_by: Instant, state: State) {
     }
 }
 
+/// Awaits `fut` while pinging systemd every second; `None` if shutdown was
+/// asked first.
+async fn await_alive<T>(
+    fut: impl Future<Output = T>,
+    notify: &mut Notifier,
+    ready_by: Instant,
+    state: State,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stopping| *stopping) => return None,
+            out = &mut fut => return Some(out),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => liveness(notify, ready_by, state),
+        }
+    }
+}
+
 struct Pipeline<'s> {
     settings: &'s Settings,
     sink: Sink,
@@ -266,18 +285,16 @@ impl Pipeline<'_> {
         loop {
             let mut stop = self.stop.clone();
             // Redis calls time out after seconds; keep systemd informed meanwhile.
-            let outcome = {
-                let init = self.sink.init();
-                tokio::pin!(init);
-                loop {
-                    tokio::select! {
-                        _ = stop.wait_for(|s| *s) => return Flow::Stop,
-                        outcome = &mut init => break outcome,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                            liveness(&mut self.notify, self.ready_by, self.state);
-                        }
-                    }
-                }
+            let outcome = await_alive(
+                self.sink.init(),
+                &mut self.notify,
+                self.ready_by,
+                self.state,
+                &mut stop,
+            )
+            .await;
+            let Some(outcome) = outcome else {
+                return Flow::Stop;
             };
             match outcome {
                 Ok(outcome) => {
@@ -318,18 +335,16 @@ impl Pipeline<'_> {
         loop {
             let mut stop = self.stop.clone();
             // A metadata request may wait many seconds for an absent broker.
-            let found = {
-                let discover = source.discover();
-                tokio::pin!(discover);
-                loop {
-                    tokio::select! {
-                        _ = stop.wait_for(|s| *s) => return Flow::Stop,
-                        found = &mut discover => break found,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                            liveness(&mut self.notify, self.ready_by, self.state);
-                        }
-                    }
-                }
+            let found = await_alive(
+                source.discover(),
+                &mut self.notify,
+                self.ready_by,
+                self.state,
+                &mut stop,
+            )
+            .await;
+            let Some(found) = found else {
+                return Flow::Stop;
             };
             match found {
                 Ok(partitions) => {
