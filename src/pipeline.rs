@@ -254,10 +254,6 @@ impl Pipeline<'_> {
         }
     }
 
-    fn stopping(&self) -> bool {
-        *self.stop.borrow()
-    }
-
     /// Waits `delay`, or less if shutdown is asked; returns Stop then.
     /// Retry loops wait here, so the watchdog is pinged here too: a loop
     /// that is alive and retrying is not wedged.
@@ -787,7 +783,9 @@ impl Pipeline<'_> {
     /// again after the restart and nothing is lost.
     async fn shutdown(&mut self) {
         self.notify.stopping();
-        if !self.batch.is_empty() && !self.stopping_hard() {
+        // Only reached once shutdown was asked; a Redis known to be down is
+        // not worth the two seconds.
+        if !self.batch.is_empty() && self.state != State::RedisUnreachable {
             match tokio::time::timeout(Duration::from_secs(2), self.sink.apply(&self.batch)).await {
                 Ok(Ok(())) => info!("applied the last batch"),
                 _ => info!("abandoned the in-flight batch; it is read again after restart"),
@@ -799,9 +797,5 @@ impl Pipeline<'_> {
         )
         .await;
         info!("stopped");
-    }
-
-    fn stopping_hard(&self) -> bool {
-        self.state == State::RedisUnreachable && self.stopping()
     }
 }
