@@ -34,7 +34,7 @@ tvar=${T//-/_}                              # cc-rs/cmake-rs per-target names
 TVAR=$(tr '[:lower:]' '[:upper:]' <<<"$tvar") # cargo's CARGO_TARGET_<T>_LINKER
 
 if [[ -n $gnu ]]; then
-  apt_need "gcc-$gnu" "g++-$gnu" cmake make perl
+  apt_need "gcc-$gnu" "g++-$gnu" cmake make perl file
   # Per-target variables only, so host build scripts keep using the host cc.
   export "CC_$tvar=${gnu}-gcc" "CXX_$tvar=${gnu}-g++" "AR_$tvar=${gnu}-ar"
   # Rust links with the cross gcc so the target's glibc/crt files are used.
@@ -43,7 +43,7 @@ if [[ -n $gnu ]]; then
 else
   # musl: zig ships musl libc + a clang for every target, so no Debian musl
   # cross gcc is needed (bookworm has none for aarch64). Result is static.
-  apt_need cmake make perl python3-pip
+  apt_need cmake make perl python3-pip file
   command -v cargo-zigbuild >/dev/null || cargo install --locked cargo-zigbuild
   python3 -m ziglang version >/dev/null 2>&1 || pip3 install --break-system-packages ziglang
   time cargo zigbuild --locked --release --target "$T" --bin edgecache
