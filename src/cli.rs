@@ -249,7 +249,24 @@ fn human_status(fields: &std::collections::BTreeMap<String, String>, now_ms: i64
         age("state_since_ms")
     ));
     out.push_str(&format!("lag           {} records\n", get("lag")));
+    // Per-partition fields are `lag.<topic>/<partition>`; show the behind ones.
+    let behind: Vec<String> = fields
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("lag.")?, v)))
+        .filter(|(_, v)| v.as_str() != "0")
+        .map(|(partition, v)| format!("{partition}: {v}"))
+        .collect();
+    if !behind.is_empty() {
+        const SHOWN: usize = 8;
+        let more = behind.len().saturating_sub(SHOWN);
+        let mut line = behind[..behind.len().min(SHOWN)].join(", ");
+        if more > 0 {
+            line.push_str(&format!(", {more} more"));
+        }
+        out.push_str(&format!("  behind      {line}\n"));
+    }
     out.push_str(&format!("last applied  {}\n", age("last_applied_ms")));
+    out.push_str(&format!("kafka contact {}\n", age("last_kafka_contact_ms")));
     out.push_str(&format!(
         "records       {} applied, {} filtered; skipped: {} undecodable, {} without key, {} oversize\n",
         get("records"),
@@ -296,7 +313,10 @@ mod tests {
             ("last_applied_ms", "9000"),
             ("records", "42"),
             ("skipped_no_key", "1"),
-            ("lag", "0"),
+            ("lag", "5"),
+            ("lag.t/0", "0"),
+            ("lag.t/1", "5"),
+            ("last_kafka_contact_ms", "10500"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -304,6 +324,8 @@ mod tests {
         let text = human_status(&fields, 11_000);
         assert!(text.contains("live (since 10 s ago)"), "{text}");
         assert!(text.contains("last applied  2 s ago"), "{text}");
+        assert!(text.contains("kafka contact 0 s ago"), "{text}");
+        assert!(text.contains("behind      t/1: 5\n"), "{text}");
         assert!(text.contains("42 applied, 0 filtered"), "{text}");
         assert!(text.contains("1 without key"), "{text}");
         assert!(text.contains("version       unknown"), "{text}");

@@ -32,6 +32,22 @@ pub struct Config {
     /// The compacted topics to mirror; at least one.
     #[serde(default)]
     pub topics: Vec<TopicConfig>,
+    /// The optional Prometheus endpoint; off unless `listen` is set.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: a Prometheus text endpoint. Off by default, so the agent
+/// opens no listening socket unless asked to (G8).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `IP:port` to serve `GET /metrics` on, e.g. `127.0.0.1:9187`. An IP,
+    /// not a host name, so what is exposed is clear without DNS.
+    pub listen: Option<String>,
+    /// Allow a `listen` address other than loopback (the endpoint has no
+    /// authentication; only open it on a network you trust).
+    pub allow_remote: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,6 +195,8 @@ pub struct Settings {
     /// Final librdkafka properties: user's pass-through plus derived ones
     /// and secrets read from files. Never print this with `Debug`.
     pub kafka_properties: BTreeMap<String, String>,
+    /// Where to serve metrics; `None` binds nothing.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -438,6 +456,27 @@ impl Settings {
                 return Err(err("redis.publish_channel", "must not be empty".into()));
             }
         }
+        let metrics_listen = match &config.metrics.listen {
+            None => None,
+            Some(listen) => {
+                let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+                    err(
+                        "metrics.listen",
+                        format!("{listen:?} is not IP:port (e.g. \"127.0.0.1:9187\")"),
+                    )
+                })?;
+                if !addr.ip().is_loopback() && !config.metrics.allow_remote {
+                    return Err(err(
+                        "metrics.listen",
+                        format!(
+                            "{addr} is not a loopback address; the endpoint has no \
+                             authentication, so set metrics.allow_remote = true to expose it"
+                        ),
+                    ));
+                }
+                Some(addr)
+            }
+        };
         let redis_password = match &config.redis.password_file {
             None => None,
             Some(file) => Some(Secret(
@@ -512,6 +551,7 @@ impl Settings {
             topics,
             limits,
             kafka_properties,
+            metrics_listen,
             config,
         })
     }
@@ -683,6 +723,28 @@ key_prefix = "device:"
         assert!(e.message.contains("namepsace"), "{e}");
         let e = parse(&MINIMAL.replace("key_prefix", "inptu = \"json\"\nkey_prefix")).unwrap_err();
         assert_eq!(e.field, "(syntax)");
+    }
+
+    #[test]
+    fn metrics_listen_is_loopback_unless_allowed() {
+        let with = |metrics: &str| format!("{MINIMAL}[metrics]\n{metrics}\n");
+        assert_eq!(parse(MINIMAL).unwrap().metrics_listen, None);
+        let local = parse(&with("listen = \"127.0.0.1:9187\"")).unwrap();
+        assert_eq!(
+            local.metrics_listen,
+            Some("127.0.0.1:9187".parse().unwrap())
+        );
+        parse(&with("listen = \"[::1]:9187\"")).unwrap();
+        assert_eq!(
+            error_field(&with("listen = \"0.0.0.0:9187\"")),
+            "metrics.listen"
+        );
+        assert_eq!(
+            error_field(&with("listen = \"localhost:9187\"")),
+            "metrics.listen"
+        );
+        let remote = parse(&with("listen = \"0.0.0.0:9187\"\nallow_remote = true")).unwrap();
+        assert_eq!(remote.metrics_listen, Some("0.0.0.0:9187".parse().unwrap()));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`batch`]: the bounded coalescing batch (latest per key wins).
 //! - [`checkpoint`]: where each partition resumes.
 //! - [`pipeline`]: the loop tying them together.
+//! - [`metrics`]: counters and the optional Prometheus endpoint.
 //! - [`backoff`]: retry delays.
 //! - [`notify`]: systemd readiness, watchdog and status (sd_notify).
 //! - [`cli`]: the commands behind the binary.
@@ -24,6 +25,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod sink;

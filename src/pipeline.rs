@@ -15,12 +15,14 @@ use crate::batch::{Batch, Op, PartitionId, SkipReason};
 use crate::checkpoint::{Start, StoredOffsets};
 use crate::codec;
 use crate::config::{Settings, MAX_KEY_BYTES};
+use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::sink::{Sink, SinkError};
 use crate::source::{Event, Incoming, Source, SourceError};
 use futures_util::FutureExt;
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -40,6 +42,8 @@ pub enum RunError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("metrics.listen: cannot listen on {0}: {1}")]
+    MetricsListen(std::net::SocketAddr, std::io::Error),
 }
 
 /// What the agent is doing; written to `<ns>:status` field `state`.
@@ -86,6 +90,15 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         std::future::pending::<()>().await
     };
     let topic_names: Vec<String> = settings.topics.iter().map(|t| t.name.clone()).collect();
+    let metrics = Arc::new(Metrics::new(topic_names.clone()));
+    // Bound before anything connects; nothing is bound when not configured (G8).
+    if let Some(addr) = settings.metrics_listen {
+        let listener = crate::metrics::bind(addr)
+            .await
+            .map_err(|e| RunError::MetricsListen(addr, e))?;
+        info!(%addr, "serving metrics on http://{addr}/metrics");
+        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+    }
     let source = Source::new(&settings.kafka_properties, topic_names.clone())?;
     let sink = Sink::new(
         &settings.redis_url,
@@ -123,6 +136,8 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         bad_suppressed: 0,
         bad_window: Instant::now(),
         encoded: Vec::new(),
+        metrics,
+        reported: Reported::default(),
     };
     tokio::select! {
         _ = signal => unreachable!("the signal future never completes"),
@@ -190,6 +205,19 @@ struct Pipeline<'s> {
     bad_window: Instant,
     /// Reused encode buffer.
     encoded: Vec<u8>,
+    /// Counters for the metrics endpoint (kept even when it is off: a few
+    /// relaxed adds per batch).
+    metrics: Arc<Metrics>,
+    /// Per-partition lag and last Kafka contact as last written to the
+    /// status hash.
+    reported: Reported,
+}
+
+/// Status fields written once per tick, only when they changed.
+#[derive(Debug, Default)]
+struct Reported {
+    partition_lag: BTreeMap<PartitionId, u64>,
+    last_contact_ms: Option<i64>,
 }
 
 impl Pipeline<'_> {
@@ -298,6 +326,7 @@ impl Pipeline<'_> {
                         // The status hash went with the old marker.
                         self.written_state = None;
                         self.written_lag = None;
+                        self.reported = Reported::default();
                         info!("Redis holds no edgecache state: rehydrating every partition from the earliest offset");
                         self.state = State::Rehydrating;
                     } else {
@@ -389,6 +418,7 @@ impl Pipeline<'_> {
             Event::Record(incoming) => self.handle_record(source, incoming).await,
             Event::EndOfPartition | Event::Foreign => Flow::Continue,
             Event::Error(e) => {
+                self.metrics.kafka_error();
                 warn!("Kafka: {e}");
                 Flow::Continue
             }
@@ -518,6 +548,7 @@ impl Pipeline<'_> {
             };
             match result {
                 Ok(()) => {
+                    self.metrics.applied(&self.batch, started.elapsed());
                     debug!(
                         n_ops = self.batch.n_ops(),
                         n_records = self.batch.counts().records,
@@ -538,6 +569,7 @@ impl Pipeline<'_> {
                 }
                 Err(SinkError::Lost) => return self.rehydrate(source).await,
                 Err(e) => {
+                    self.metrics.redis_error();
                     if self.state != State::RedisUnreachable {
                         warn!("{e}; keeping the batch and retrying");
                         self.state = State::RedisUnreachable;
@@ -555,6 +587,7 @@ impl Pipeline<'_> {
     /// and read every partition again from the earliest offset.
     async fn rehydrate(&mut self, source: &Source) -> Flow {
         warn!("Redis lost the agent's state (flushed, restarted without persistence, or replaced): rehydrating from the earliest offsets");
+        self.metrics.rehydrated();
         self.batch.clear();
         if self.connect_redis().await == Flow::Stop {
             return Flow::Stop;
@@ -596,6 +629,7 @@ impl Pipeline<'_> {
                     }
                 }
                 Err(e) => {
+                    self.metrics.redis_error();
                     if self.state != State::RedisUnreachable {
                         warn!("{e}");
                     }
@@ -621,7 +655,52 @@ impl Pipeline<'_> {
             }
         }
         self.write_state().await;
+        self.report(source).await;
         Flow::Continue
+    }
+
+    /// Once per tick: per-partition lag and the last Kafka contact to the
+    /// status hash (fields that changed only) and to the metrics.
+    async fn report(&mut self, source: &Source) {
+        let partition_lag = self.partition_lag(source);
+        let last_contact_ms = source.last_contact_ms();
+        self.metrics.tick(
+            self.lag,
+            partition_lag.clone(),
+            source.fetch_queue(),
+            last_contact_ms,
+        );
+        if self.state == State::RedisUnreachable {
+            return;
+        }
+        let mut fields: Vec<(String, String)> = Vec::new();
+        let mut changed = Vec::new();
+        for (partition, lag) in partition_lag.unwrap_or_default() {
+            if self.reported.partition_lag.get(&partition) != Some(&lag) {
+                let (topic_idx, p) = partition;
+                let topic = &self.settings.topics[topic_idx].name;
+                fields.push((format!("lag.{topic}/{p}"), lag.to_string()));
+                changed.push((partition, lag));
+            }
+        }
+        let contact_changed =
+            last_contact_ms.is_some() && last_contact_ms != self.reported.last_contact_ms;
+        if let (true, Some(ms)) = (contact_changed, last_contact_ms) {
+            fields.push(("last_kafka_contact_ms".to_owned(), ms.to_string()));
+        }
+        if fields.is_empty() {
+            return;
+        }
+        let fields: Vec<(&str, String)> = fields
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        if self.sink.set_status(&fields).await.is_ok() {
+            self.reported.partition_lag.extend(changed);
+            if contact_changed {
+                self.reported.last_contact_ms = last_contact_ms;
+            }
+        }
     }
 
     /// Adds partitions that appeared since the last look (a topic grew or was
@@ -671,26 +750,33 @@ impl Pipeline<'_> {
     /// position passed the watermark with nothing queued counts as done
     /// (trailing transaction markers occupy offsets but never reach us).
     fn lag(&self, source: &Source) -> Option<u64> {
+        let partition_lag = self.partition_lag(source)?;
+        Some(partition_lag.iter().map(|(_, lag)| lag).sum())
+    }
+
+    /// [`Pipeline::lag`] per partition.
+    fn partition_lag(&self, source: &Source) -> Option<Vec<(PartitionId, u64)>> {
         let partitions: Vec<PartitionId> = self.positions.keys().copied().collect();
         let marks = source.watermarks(&partitions);
         if partitions.is_empty() || marks.len() < partitions.len() {
             return None;
         }
-        let lag = marks
+        let lags = marks
             .iter()
             .map(|(p, mark)| {
                 let next = match self.positions.get(p) {
                     Some(Start::At(next)) => *next,
                     _ => mark.low,
                 };
-                if mark.app_offset >= mark.high && mark.queued == 0 {
+                let lag = if mark.app_offset >= mark.high && mark.queued == 0 {
                     0
                 } else {
                     (mark.high - next).max(0) as u64
-                }
+                };
+                (*p, lag)
             })
-            .sum();
-        Some(lag)
+            .collect();
+        Some(lags)
     }
 
     /// Caught up when the lag is zero with nothing in hand; logs progress
@@ -746,6 +832,7 @@ impl Pipeline<'_> {
         } else {
             self.state
         };
+        self.metrics.set_state(state);
         if self.notified_state != Some(state) {
             self.notified_state = Some(state);
             self.notify.status(state.as_str());

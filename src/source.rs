@@ -15,7 +15,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -45,13 +45,38 @@ pub enum SourceError {
 pub struct SourceContext {
     brokers_down: AtomicBool,
     marks: std::sync::Mutex<BTreeMap<(String, i32), Watermarks>>,
+    /// Unix ms of the last bytes received from a broker (0: never).
+    last_contact_ms: AtomicI64,
+    /// Records and bytes prefetched in librdkafka's queues, all partitions.
+    fetch_queue_records: AtomicU64,
+    fetch_queue_bytes: AtomicU64,
 }
 
 impl ClientContext for SourceContext {
     fn stats(&self, statistics: rdkafka::Statistics) {
+        // Contact = bytes received from a connected broker: `rxidle` is the
+        // microseconds since its connection last received anything, and an
+        // idle consumer still gets a fetch response every fetch.wait.max.ms.
+        // A connection merely open (state UP) says nothing about a broker
+        // that hangs. Internal pseudo-brokers never receive.
+        let freshest_rx_us = statistics
+            .brokers
+            .values()
+            .filter(|b| b.state == "UP" && b.source != "internal" && b.rxidle >= 0)
+            .map(|b| b.rxidle)
+            .min();
+        if let Some(idle_us) = freshest_rx_us {
+            let contact = statistics.time * 1000 - idle_us / 1000;
+            self.last_contact_ms.fetch_max(contact, Ordering::Relaxed);
+        }
+        let (mut queued_records, mut queued_bytes) = (0u64, 0u64);
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         for (name, topic) in statistics.topics {
             for (id, p) in topic.partitions {
+                if id >= 0 {
+                    queued_records += p.fetchq_cnt.max(0) as u64;
+                    queued_bytes += p.fetchq_size;
+                }
                 // -1 is librdkafka's internal "unassigned" partition; offsets
                 // below 0 mean "not known yet" (-1001).
                 if id < 0 || p.hi_offset < 0 {
@@ -73,6 +98,10 @@ impl ClientContext for SourceContext {
                 );
             }
         }
+        self.fetch_queue_records
+            .store(queued_records, Ordering::Relaxed);
+        self.fetch_queue_bytes
+            .store(queued_bytes, Ordering::Relaxed);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -191,10 +220,33 @@ impl Source {
     }
 
     pub fn mark_reachable(&self) {
-        self.consumer
+        let context = self.consumer.context();
+        context.brokers_down.store(false, Ordering::Relaxed);
+        context
+            .last_contact_ms
+            .fetch_max(crate::sink::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Unix ms when a broker was last heard from (a fetch or metadata
+    /// response, from librdkafka's per-broker receive idle time, or records
+    /// and metadata reaching the pipeline); `None` if never.
+    pub fn last_contact_ms(&self) -> Option<i64> {
+        let ms = self
+            .consumer
             .context()
-            .brokers_down
-            .store(false, Ordering::Relaxed);
+            .last_contact_ms
+            .load(Ordering::Relaxed);
+        (ms > 0).then_some(ms)
+    }
+
+    /// Records and bytes librdkafka holds prefetched (statistics, every
+    /// second), bounded by `queued.max.messages.kbytes`.
+    pub fn fetch_queue(&self) -> (u64, u64) {
+        let context = self.consumer.context();
+        (
+            context.fetch_queue_records.load(Ordering::Relaxed),
+            context.fetch_queue_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Partitions of every configured topic, from broker metadata. A topic
