@@ -26,7 +26,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections served at once; more are closed as soon as accepted.
 pub const MAX_CONNECTIONS: usize = 4;
 
-/// Upper bounds of the batch size histogram, in records.
+/// Upper bounds of the batch size histogram, in keys written.
 const BATCH_BUCKETS: [u64; 13] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
 /// Upper bounds of the apply round-trip histogram, in microseconds.
 const APPLY_BUCKETS_US: [u64; 13] = [
@@ -147,7 +147,9 @@ impl Metrics {
             .filter(|(_, op)| matches!(op, Op::Delete))
             .count();
         self.deletes_applied.fetch_add(deletes as u64, Relaxed);
-        self.batches.observe(counts.records);
+        // Keys written, not records read: the Redis cost of one apply,
+        // capped by `agent.max_batch_records` (records coalesce into keys).
+        self.batches.observe(batch.n_ops() as u64);
         self.apply_us.observe(round_trip.as_micros() as u64);
     }
 
@@ -327,8 +329,8 @@ impl Metrics {
         }
         self.batches.render(
             &mut out,
-            "edgecache_batch_records",
-            "Records per applied batch.",
+            "edgecache_batch_keys",
+            "Keys written (SET or DEL, after coalescing) per applied batch.",
             1.0,
         );
         self.apply_us.render(
