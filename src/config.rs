@@ -95,6 +95,12 @@ pub struct KafkaConfig {
     /// `LoadCredential=`), else next to the configuration file.
     #[serde(default)]
     pub secret_files: BTreeMap<String, PathBuf>,
+    /// If set, the offsets applied to Redis are also committed to this
+    /// consumer group (at most once a second), so Kafka's usual lag tools
+    /// show how far this gateway is. Never read back: resume positions
+    /// always come from Redis (G2). One group per gateway.
+    #[serde(default)]
+    pub commit_group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -322,6 +328,17 @@ impl Settings {
             ));
         }
 
+        if let Some(group) = &config.kafka.commit_group {
+            if group.is_empty()
+                || group.len() > 255
+                || group.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(err(
+                    "kafka.commit_group",
+                    format!("{group:?} must be 1..=255 characters without spaces"),
+                ));
+            }
+        }
         if config.kafka.brokers.trim().is_empty() {
             return Err(err("kafka.brokers", "must name at least one broker".into()));
         }
@@ -501,9 +518,17 @@ impl Settings {
         let derived = [
             ("bootstrap.servers", config.kafka.brokers.trim().to_owned()),
             // Offsets live in Redis (G2); the group id only names the client
-            // in broker logs. Nothing is ever committed and there is no
-            // subscribe, so no group is joined and no rebalance happens.
-            ("group.id", format!("edgecache-{namespace}")),
+            // in broker logs, unless `commit_group` asks for commits (for
+            // lag dashboards only). There is no subscribe, so no group is
+            // joined and no rebalance happens either way.
+            (
+                "group.id",
+                config
+                    .kafka
+                    .commit_group
+                    .clone()
+                    .unwrap_or_else(|| format!("edgecache-{namespace}")),
+            ),
             ("enable.auto.commit", "false".into()),
             ("enable.auto.offset.store", "false".into()),
             // Catching up is judged from watermarks, which also cover
@@ -745,6 +770,22 @@ key_prefix = "device:"
         );
         let remote = parse(&with("listen = \"0.0.0.0:9187\"\nallow_remote = true")).unwrap();
         assert_eq!(remote.metrics_listen, Some("0.0.0.0:9187".parse().unwrap()));
+    }
+
+    #[test]
+    fn commit_group_names_the_group() {
+        let with = |line: &str| MINIMAL.replace("[redis]", &format!("{line}\n[redis]"));
+        let settings = parse(&with("commit_group = \"edgecache-site42\"")).unwrap();
+        assert_eq!(settings.kafka_properties["group.id"], "edgecache-site42");
+        assert_eq!(settings.kafka_properties["enable.auto.commit"], "false");
+        assert_eq!(
+            parse(MINIMAL).unwrap().kafka_properties["group.id"],
+            "edgecache-edgecache"
+        );
+        assert_eq!(
+            error_field(&with("commit_group = \"a b\"")),
+            "kafka.commit_group"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use crate::batch::PartitionId;
 use crate::checkpoint::Start;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -50,6 +50,9 @@ pub struct SourceContext {
     /// Records and bytes prefetched in librdkafka's queues, all partitions.
     fetch_queue_records: AtomicU64,
     fetch_queue_bytes: AtomicU64,
+    /// Whether the last `commit_group` commit failed (warn once per run of
+    /// failures, not once per second).
+    commit_failing: AtomicBool,
 }
 
 impl ClientContext for SourceContext {
@@ -119,7 +122,29 @@ impl ClientContext for SourceContext {
     }
 }
 
-impl ConsumerContext for SourceContext {}
+impl ConsumerContext for SourceContext {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => {
+                if self.commit_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("commits to kafka.commit_group work again");
+                }
+            }
+            Err(e) => {
+                if !self.commit_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "committing to kafka.commit_group failed (lag dashboards only; \
+                         resume is unaffected): {e}"
+                    );
+                }
+            }
+        }
+    }
+}
 
 type Inner = BaseConsumer<SourceContext>;
 
@@ -303,6 +328,21 @@ impl Source {
         let list = self.list(starts)?;
         self.consumer
             .assign(&list)
+            .map_err(|e| SourceError::Request(e.to_string()))
+    }
+
+    /// Commits next offsets to the consumer group `group.id` without joining
+    /// it (manual assignment stays), for operators' lag tools only: nothing
+    /// reads them back. Asynchronous; the result reaches `commit_callback`
+    /// on a later poll.
+    pub fn commit(&self, next_offsets: &[(PartitionId, i64)]) -> Result<(), SourceError> {
+        let starts: Vec<(PartitionId, Start)> = next_offsets
+            .iter()
+            .map(|&(partition, next)| (partition, Start::At(next)))
+            .collect();
+        let list = self.list(&starts)?;
+        self.consumer
+            .commit(&list, CommitMode::Async)
             .map_err(|e| SourceError::Request(e.to_string()))
     }
 
