@@ -10,6 +10,7 @@
 //! - [`codec`]: input decoding and the stored formats (FORMAT.md).
 //! - [`batch`]: the bounded coalescing batch (latest per key wins).
 //! - [`checkpoint`]: where each partition resumes.
+//! - [`resync`]: missed deletes, and the resync that removes their keys.
 //! - [`pipeline`]: the loop tying them together.
 //! - [`backoff`]: retry delays.
 //! - [`notify`]: systemd readiness, watchdog and status (sd_notify).
@@ -26,5 +27,6 @@ pub mod codec;
 pub mod config;
 pub mod notify;
 pub mod pipeline;
+pub mod resync;
 pub mod sink;
 pub mod source;

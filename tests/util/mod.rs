@@ -59,12 +59,19 @@ pub fn create_topic(name: &str, partitions: i32) {
 /// Creates a topic with the given cleanup.policy (a compacted topic's broker
 /// rejects keyless records, so tests of those use "delete").
 pub fn create_topic_with(name: &str, partitions: i32, cleanup_policy: &str) {
+    create_topic_configs(name, partitions, &[("cleanup.policy", cleanup_policy)]);
+}
+
+/// Creates a topic with the given topic configs.
+pub fn create_topic_configs(name: &str, partitions: i32, configs: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .expect("admin client");
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1))
-        .set("cleanup.policy", cleanup_policy);
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (key, value) in configs {
+        topic = topic.set(key, value);
+    }
     let results = block_on(admin.create_topics(&[topic], &AdminOptions::new()))
         .expect("create_topics request");
     for result in results {
@@ -722,4 +729,88 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Every record the topic's log still holds (tombstones included) as
+/// (partition, offset, key), read from the beginning to the end of each
+/// partition.
+pub fn log_records(topic: &str) -> Vec<(i32, i64, Vec<u8>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("log-records"))
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut list = rdkafka::TopicPartitionList::new();
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    for &p in &partitions {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).expect("assign");
+    let mut records = Vec::new();
+    let mut at_end = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at_end.len() < partitions.len() {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} to its end took over 30 s"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => records.push((
+                message.partition(),
+                message.offset(),
+                message.key().unwrap_or_default().to_vec(),
+            )),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    records
+}
+
+/// Deletes every record before `offset` in each given partition
+/// (the DeleteRecords admin request): the log start moves there.
+pub fn delete_records(topic: &str, before: &[(i32, i64)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let mut list = rdkafka::TopicPartitionList::new();
+    for &(partition, offset) in before {
+        list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))
+            .unwrap();
+    }
+    let result = block_on(admin.delete_records(&list, &AdminOptions::new()))
+        .expect("delete_records request");
+    for element in result.elements() {
+        if let Err(e) = element.error() {
+            panic!("deleting records of {topic}/{}: {e}", element.partition());
+        }
+    }
+}
+
+/// The next offset per partition in the agent's offsets hash for `topic`.
+pub fn stored_offsets(redis: &Redis, topic: &str) -> BTreeMap<i32, i64> {
+    redis
+        .hgetall("edgecache:offsets")
+        .into_iter()
+        .filter_map(|(field, value)| {
+            let (t, p) = field.rsplit_once('/')?;
+            (t == topic).then(|| (p.parse().unwrap(), value.parse().unwrap()))
+        })
+        .collect()
 }
