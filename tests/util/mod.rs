@@ -59,8 +59,14 @@ pub fn create_topic(name: &str, partitions: i32) {
 /// Creates a topic with the given cleanup.policy (a compacted topic's broker
 /// rejects keyless records, so tests of those use "delete").
 pub fn create_topic_with(name: &str, partitions: i32, cleanup_policy: &str) {
+    create_topic_at(&brokers(), name, partitions, cleanup_policy);
+}
+
+/// Creates a topic on the given brokers (the secure test broker's
+/// PLAINTEXT listener, say).
+pub fn create_topic_at(brokers: &str, name: &str, partitions: i32, cleanup_policy: &str) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1))
@@ -111,8 +117,13 @@ pub struct TestProducer {
 
 impl TestProducer {
     pub fn new(topic: &str) -> TestProducer {
+        TestProducer::at(&brokers(), topic)
+    }
+
+    /// A producer to the given brokers instead of the shared test broker.
+    pub fn at(brokers: &str, topic: &str) -> TestProducer {
         let producer: BaseProducer<DeliveryCheck> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             .set("linger.ms", "5")
             .set("message.max.bytes", "2000000")
             // Per-key order must hold for the oracle, retries or not.
@@ -590,11 +601,12 @@ impl Agent {
         let log = config.with_extension(format!("{}.log", unique("run")));
         let child = Command::new(bin())
             .args(["run", "--config", config.to_str().unwrap()])
-            .envs(env.iter().copied())
             .env(
                 "EDGECACHE_LOG",
                 std::env::var("EDGECACHE_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // After EDGECACHE_LOG, so a test can raise the log level.
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
