@@ -218,6 +218,40 @@ fn mtls_with_client_key_password_from_a_file() {
     );
 }
 
+/// The unit's `LoadCredential=` can hand over the client key too: the config
+/// reads it inline (`ssl.key.pem`) from `$CREDENTIALS_DIRECTORY`, so the
+/// agent's dynamic user needs no readable key file on disk.
+#[test]
+fn mtls_with_client_key_from_systemd_credentials() {
+    let broker = broker();
+    let key_password = broker.secret("client-key.password");
+    let key = broker.secret("client.key");
+    // A line from the middle of the PEM: what would show if it leaked.
+    let key_line = key.lines().nth(1).unwrap().to_owned();
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("kafka-client-key"), &key).unwrap();
+    std::fs::write(credentials.path().join("kafka-key-password"), &key_password).unwrap();
+    let mut properties = tls_to_broker(broker);
+    properties.extend([
+        ("security.protocol", "ssl".to_owned()),
+        ("ssl.certificate.location", broker.file("client.pem")),
+    ]);
+    mirrors_through(
+        "secure-mtls-cred",
+        &broker.ssl,
+        &properties,
+        &[
+            ("ssl.key.pem", "kafka-client-key"),
+            ("ssl.key.password", "kafka-key-password"),
+        ],
+        &[(
+            "CREDENTIALS_DIRECTORY",
+            credentials.path().to_str().unwrap(),
+        )],
+        &[&key_password, &key_line],
+    );
+}
+
 fn sasl(broker: &SecureBroker, mechanism: &str) -> Vec<(&'static str, String)> {
     let mut properties = tls_to_broker(broker);
     properties.extend([
