@@ -365,7 +365,8 @@ fn wrong_scram_password_is_reported_and_never_logged() {
         ("EDGECACHE_LOG", "debug"),
     ];
     let mut properties = sasl(broker, "SCRAM-SHA-256");
-    properties.push(("debug", "security,broker,protocol".into()));
+    // "all" includes librdkafka's dump of its configuration.
+    properties.push(("debug", "all".into()));
     // Declared first so it outlives the agent, whose log it holds.
     let dir = tempfile::tempdir().unwrap();
     let (mut agent, _redis) = refused(
