@@ -21,7 +21,7 @@ if ! bash tests/services.sh kafka-status; then
   started_kafka=yes
   bash tests/services.sh kafka-start
 fi
-# The second broker, with TLS and SASL listeners, for tests/secure.rs (~5 s
+# The second broker, with TLS and SASL listeners, for tests/secure.rs (5-8 s
 # to start, credentials generated fresh); a failed start ends the run here.
 if ! bash tests/services.sh kafka-secure-status; then
   started_secure=yes
