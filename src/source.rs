@@ -326,9 +326,39 @@ impl Source {
         let found = self
             .discover_task()
             .await
-            .map_err(|e| SourceError::Request(e.to_string()))??;
-        self.mark_reachable();
-        Ok(found)
+            .map_err(|e| SourceError::Request(e.to_string()))
+            .and_then(|result| result);
+        match found {
+            Ok(found) => {
+                self.mark_reachable();
+                Ok(found)
+            }
+            Err(e) => {
+                self.log_pending_events();
+                Err(e)
+            }
+        }
+    }
+
+    /// Hands librdkafka's queued log lines and errors to the log. librdkafka
+    /// delivers them through the consumer's queue, which nothing polls before
+    /// the first assignment: without this, a failed TLS handshake or SASL
+    /// authentication at start would only show as a metadata timeout.
+    /// Does nothing while partitions are assigned, since polling here would
+    /// take (and lose) a record; the pipeline's own polling serves them then.
+    fn log_pending_events(&self) {
+        let assigned = self.consumer.assignment().map(|list| list.count());
+        if assigned != Ok(0) {
+            return;
+        }
+        // poll() returns after each log event with a zero timeout, and an
+        // empty queue looks the same: a bounded number of rounds drains it.
+        for _ in 0..256 {
+            if let Some(Err(e)) = self.consumer.poll(Duration::ZERO) {
+                // Already logged by SourceContext::error; kept at debug.
+                tracing::debug!(target: "librdkafka", "{e}");
+            }
+        }
     }
 
     /// Starts reading metadata in the background; the pipeline checks the

@@ -59,13 +59,24 @@ pub fn create_topic(name: &str, partitions: i32) {
 /// Creates a topic with the given cleanup.policy (a compacted topic's broker
 /// rejects keyless records, so tests of those use "delete").
 pub fn create_topic_with(name: &str, partitions: i32, cleanup_policy: &str) {
-    create_topic_configs(name, partitions, &[("cleanup.policy", cleanup_policy)]);
+    create_topic_at(
+        &brokers(),
+        name,
+        partitions,
+        &[("cleanup.policy", cleanup_policy)],
+    );
 }
 
 /// Creates a topic with the given topic configs.
 pub fn create_topic_configs(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    create_topic_at(&brokers(), name, partitions, configs);
+}
+
+/// Creates a topic with the given configs on the given brokers (the secure
+/// test broker's PLAINTEXT listener, say).
+pub fn create_topic_at(brokers: &str, name: &str, partitions: i32, configs: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
@@ -118,8 +129,13 @@ pub struct TestProducer {
 
 impl TestProducer {
     pub fn new(topic: &str) -> TestProducer {
+        TestProducer::at(&brokers(), topic)
+    }
+
+    /// A producer to the given brokers instead of the shared test broker.
+    pub fn at(brokers: &str, topic: &str) -> TestProducer {
         let producer: BaseProducer<DeliveryCheck> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             .set("linger.ms", "5")
             .set("message.max.bytes", "2000000")
             // Per-key order must hold for the oracle, retries or not.
@@ -597,11 +613,12 @@ impl Agent {
         let log = config.with_extension(format!("{}.log", unique("run")));
         let child = Command::new(bin())
             .args(["run", "--config", config.to_str().unwrap()])
-            .envs(env.iter().copied())
             .env(
                 "EDGECACHE_LOG",
                 std::env::var("EDGECACHE_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // After EDGECACHE_LOG, so a test can raise the log level.
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
