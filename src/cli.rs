@@ -251,6 +251,11 @@ fn human_status(fields: &std::collections::BTreeMap<String, String>, now_ms: i64
     out.push_str(&format!("lag           {} records\n", get("lag")));
     out.push_str(&format!("last applied  {}\n", age("last_applied_ms")));
     out.push_str(&format!(
+        "caught up     {} (every partition read to its end); resyncs removed {} stale keys\n",
+        age("caught_up_ms"),
+        get("swept")
+    ));
+    out.push_str(&format!(
         "records       {} applied, {} filtered; skipped: {} undecodable, {} without key, {} oversize\n",
         get("records"),
         get("filtered"),
@@ -297,6 +302,7 @@ mod tests {
             ("records", "42"),
             ("skipped_no_key", "1"),
             ("lag", "0"),
+            ("caught_up_ms", "10000"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -304,6 +310,8 @@ mod tests {
         let text = human_status(&fields, 11_000);
         assert!(text.contains("live (since 10 s ago)"), "{text}");
         assert!(text.contains("last applied  2 s ago"), "{text}");
+        assert!(text.contains("caught up     1 s ago"), "{text}");
+        assert!(text.contains("removed 0 stale keys"), "{text}");
         assert!(text.contains("42 applied, 0 filtered"), "{text}");
         assert!(text.contains("1 without key"), "{text}");
         assert!(text.contains("version       unknown"), "{text}");
