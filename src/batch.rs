@@ -19,6 +19,12 @@ pub enum Op {
     /// Set, expiring at this Unix time in milliseconds (per-topic TTL).
     SetUntil(Vec<u8>, i64),
     Delete,
+    /// Resync only: the key exists in Kafka (a record below the partition's
+    /// stored offset, whose value Redis already has). Nothing is written;
+    /// the key is noted as seen so the final sweep keeps it.
+    Seen,
+    /// Resync only: the key's latest old record is a tombstone.
+    Unseen,
 }
 
 /// Why a record was skipped; also the name of its counter in the status hash.
@@ -52,6 +58,9 @@ pub struct Counts {
     pub skipped: [u64; 3],
     /// Records outside the topic's key filters: not applied, offset advanced.
     pub filtered: u64,
+    /// Old records a resync read again only to note their keys (progress
+    /// only; not a status counter).
+    pub noted: u64,
 }
 
 /// A partition, named by the index of its topic in the configuration.
@@ -112,6 +121,28 @@ impl Batch {
         self.advance(partition, offset);
     }
 
+    /// Notes a key during a resync's re-read of old records (see
+    /// [`Op::Seen`]). Neither counted as applied nor advancing an offset:
+    /// the stored offset is already past these records. The caller checks
+    /// [`Batch::is_full_for`] first, as for [`Batch::put`].
+    pub fn note(&mut self, key: Vec<u8>, seen: bool) {
+        let op = if seen { Op::Seen } else { Op::Unseen };
+        self.counts.noted += 1;
+        match self.ops.get_mut(&key) {
+            // A write already in hand for this key (possible only when a key
+            // appears in two partitions) must not be lost; it marks the key
+            // seen or unseen itself.
+            Some(Op::Set(_) | Op::SetUntil(..) | Op::Delete) => {}
+            Some(existing) => *existing = op,
+            None => {
+                self.n_bytes += key.len();
+                if self.ops.insert(key, op).is_err() {
+                    panic!("batch over its fixed capacity: caller skipped is_full_for");
+                }
+            }
+        }
+    }
+
     /// Counts a record outside the agent's scope; its offset advances.
     pub fn filter_out(&mut self, partition: PartitionId, offset: i64) {
         self.counts.filtered += 1;
@@ -130,7 +161,7 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.next_offsets.is_empty()
+        self.next_offsets.is_empty() && self.ops.is_empty()
     }
 
     pub fn ops(&self) -> impl Iterator<Item = (&Vec<u8>, &Op)> {
@@ -164,7 +195,7 @@ impl Batch {
 pub fn op_len(op: &Op) -> usize {
     match op {
         Op::Set(value) | Op::SetUntil(value, _) => value.len(),
-        Op::Delete => 0,
+        Op::Delete | Op::Seen | Op::Unseen => 0,
     }
 }
 

@@ -268,6 +268,11 @@ fn human_status(fields: &std::collections::BTreeMap<String, String>, now_ms: i64
     out.push_str(&format!("last applied  {}\n", age("last_applied_ms")));
     out.push_str(&format!("kafka contact {}\n", age("last_kafka_contact_ms")));
     out.push_str(&format!(
+        "caught up     {} (every partition read to its end); resyncs removed {} stale keys\n",
+        age("caught_up_ms"),
+        get("swept")
+    ));
+    out.push_str(&format!(
         "records       {} applied, {} filtered; skipped: {} undecodable, {} without key, {} oversize\n",
         get("records"),
         get("filtered"),
@@ -317,6 +322,7 @@ mod tests {
             ("lag.t/0", "0"),
             ("lag.t/1", "5"),
             ("last_kafka_contact_ms", "10500"),
+            ("caught_up_ms", "10000"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -326,6 +332,8 @@ mod tests {
         assert!(text.contains("last applied  2 s ago"), "{text}");
         assert!(text.contains("kafka contact 0 s ago"), "{text}");
         assert!(text.contains("behind      t/1: 5\n"), "{text}");
+        assert!(text.contains("caught up     1 s ago"), "{text}");
+        assert!(text.contains("removed 0 stale keys"), "{text}");
         assert!(text.contains("42 applied, 0 filtered"), "{text}");
         assert!(text.contains("1 without key"), "{text}");
         assert!(text.contains("version       unknown"), "{text}");

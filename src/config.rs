@@ -352,6 +352,20 @@ impl Settings {
             }
         }
 
+        // librdkafka opens these files only when the client is created, and
+        // then says "ssl.ca.location failed: ..." without naming our file; a
+        // missing CA or key must instead stop check-config (exit 78).
+        for (key, value) in &config.kafka.properties {
+            if key.ends_with(".location") && value != "probe" {
+                std::fs::metadata(value).map_err(|e| {
+                    err(
+                        &format!("kafka.properties.{key}"),
+                        format!("cannot read {value}: {e}"),
+                    )
+                })?;
+            }
+        }
+
         let url = config.redis.url.trim().to_owned();
         let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
             .iter()
@@ -786,6 +800,27 @@ key_prefix = "device:"
             error_field(&with("commit_group = \"a b\"")),
             "kafka.commit_group"
         );
+    }
+
+    #[test]
+    fn missing_tls_files_are_named() {
+        let with = |key: &str, value: &str| {
+            MINIMAL.replace(
+                "[redis]",
+                &format!("[kafka.properties]\n\"{key}\" = \"{value}\"\n[redis]"),
+            )
+        };
+        let e = parse(&with("ssl.ca.location", "/nonexistent/ca.pem")).unwrap_err();
+        assert_eq!(e.field, "kafka.properties.ssl.ca.location");
+        assert!(e.message.contains("/nonexistent/ca.pem"), "{e}");
+        assert_eq!(
+            error_field(&with("ssl.key.location", "/nonexistent/client.key")),
+            "kafka.properties.ssl.key.location"
+        );
+        // "probe" asks librdkafka to look for the system's CA store.
+        parse(&with("ssl.ca.location", "probe")).unwrap();
+        let dir = std::env::temp_dir();
+        parse(&with("ssl.ca.location", dir.to_str().unwrap())).unwrap();
     }
 
     #[test]

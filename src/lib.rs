@@ -10,6 +10,7 @@
 //! - [`codec`]: input decoding and the stored formats (FORMAT.md).
 //! - [`batch`]: the bounded coalescing batch (latest per key wins).
 //! - [`checkpoint`]: where each partition resumes.
+//! - [`resync`]: missed deletes, and the resync that removes their keys.
 //! - [`pipeline`]: the loop tying them together.
 //! - [`metrics`]: counters and the optional Prometheus endpoint.
 //! - [`backoff`]: retry delays.
@@ -28,5 +29,6 @@ pub mod config;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod resync;
 pub mod sink;
 pub mod source;

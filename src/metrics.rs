@@ -34,11 +34,12 @@ const APPLY_BUCKETS_US: [u64; 13] = [
     5_000_000,
 ];
 
-const STATES: [State; 6] = [
+const STATES: [State; 7] = [
     State::Starting,
     State::Rehydrating,
     State::CatchingUp,
     State::Live,
+    State::Resyncing,
     State::KafkaUnreachable,
     State::RedisUnreachable,
 ];

@@ -17,10 +17,11 @@ use crate::codec;
 use crate::config::{Settings, MAX_KEY_BYTES};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
+use crate::resync::{self, Resync};
 use crate::sink::{Sink, SinkError};
 use crate::source::{Event, Incoming, Source, SourceError};
 use futures_util::FutureExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +36,13 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// At most this many bad-record lines per window; the rest are counted.
 const BAD_RECORD_LOG_LIMIT: u32 = 20;
 const BAD_RECORD_LOG_WINDOW: Duration = Duration::from_secs(10);
+/// `caught_up_ms` is written to the status hash at most this often (an
+/// older value only makes the missed-delete check more cautious).
+const CAUGHT_UP_WRITE_EVERY: Duration = Duration::from_secs(10);
+/// Topic configurations (`delete.retention.ms`) are read again this often,
+/// and a failed read is retried after `RETENTION_RETRY`.
+const RETENTION_REFRESH: Duration = Duration::from_secs(600);
+const RETENTION_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -55,6 +63,8 @@ pub enum State {
     Live,
     KafkaUnreachable,
     RedisUnreachable,
+    /// Re-reading topics whose deletes may have been missed (see `resync`).
+    Resyncing,
 }
 
 impl State {
@@ -66,6 +76,7 @@ impl State {
             State::Live => "live",
             State::KafkaUnreachable => "kafka-unreachable",
             State::RedisUnreachable => "redis-unreachable",
+            State::Resyncing => "resyncing",
         }
     }
 }
@@ -138,11 +149,29 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         encoded: Vec::new(),
         metrics,
         reported: Reported::default(),
+        resync: None,
+        caught_up_ms: 0,
+        caught_up_written: None,
+        retention: None,
+        retention_task: None,
+        retention_tried: None,
+        log_start_unchecked: BTreeMap::new(),
     };
     tokio::select! {
         _ = signal => unreachable!("the signal future never completes"),
         result = pipeline.run(&source) => result,
     }
+}
+
+/// Partitions that start at a stored offset, and that offset.
+fn stored_starts(starts: &[(PartitionId, Start)]) -> BTreeMap<PartitionId, i64> {
+    starts
+        .iter()
+        .filter_map(|&(p, s)| match s {
+            Start::At(next) => Some((p, next)),
+            Start::Earliest => None,
+        })
+        .collect()
 }
 
 /// Tells systemd the loop is alive (WATCHDOG=1), and READY=1 once the start
@@ -205,6 +234,19 @@ struct Pipeline<'s> {
     bad_window: Instant,
     /// Reused encode buffer.
     encoded: Vec<u8>,
+    resync: Option<Resync>,
+    /// When every partition was last known read to its end (Unix ms); see
+    /// `resync`.
+    caught_up_ms: i64,
+    caught_up_written: Option<Instant>,
+    /// Per topic `delete.retention.ms` (`None`: not compacted); `None`
+    /// until the broker told us.
+    retention: Option<Vec<Option<i64>>>,
+    retention_task: Option<RetentionTask>,
+    retention_tried: Option<Instant>,
+    /// Stored offsets still to compare with the log start once watermarks
+    /// arrive.
+    log_start_unchecked: BTreeMap<PartitionId, i64>,
     /// Counters for the metrics endpoint (kept even when it is off: a few
     /// relaxed adds per batch).
     metrics: Arc<Metrics>,
@@ -221,6 +263,8 @@ struct Reported {
     /// Next offsets last committed to `kafka.commit_group`.
     committed: BTreeMap<PartitionId, i64>,
 }
+
+type RetentionTask = tokio::task::JoinHandle<Result<Vec<Option<i64>>, SourceError>>;
 
 impl Pipeline<'_> {
     async fn run(&mut self, source: &Source) -> Result<(), RunError> {
@@ -277,7 +321,9 @@ impl Pipeline<'_> {
 
     /// The state once an unreachable service answers again.
     fn reachable_state(&self) -> State {
-        if self.caught_up {
+        if self.resync.is_some() {
+            State::Resyncing
+        } else if self.caught_up {
             State::Live
         } else {
             State::CatchingUp
@@ -342,6 +388,8 @@ impl Pipeline<'_> {
                         warn!(field, "ignoring an offsets field of no configured topic");
                     }
                     self.stored = outcome.offsets;
+                    self.caught_up_ms = outcome.caught_up_ms;
+                    self.caught_up_written = None;
                     self.write_state().await;
                     return Flow::Continue;
                 }
@@ -392,6 +440,7 @@ impl Pipeline<'_> {
                     if let Err(e) = source.assign(&starts) {
                         error!("{e}");
                     }
+                    self.log_start_unchecked = stored_starts(&starts);
                     self.last_discover = Instant::now();
                     self.catch_up_started = Instant::now();
                     return Flow::Continue;
@@ -438,6 +487,13 @@ impl Pipeline<'_> {
             Some(Start::At(next)) if offset < *next => return Flow::Continue,
             Some(_) => {}
             None => return Flow::Continue,
+        }
+        if self
+            .resync
+            .as_ref()
+            .is_some_and(|r| r.is_shadow(partition, offset))
+        {
+            return self.note(source, &incoming).await;
         }
         let topic = &self.settings.topics[partition.0];
         let key = match incoming.key() {
@@ -505,6 +561,32 @@ impl Pipeline<'_> {
         Flow::Continue
     }
 
+    /// A record a resync re-reads below the stored offset: Redis already has
+    /// it or something newer, so only its key is noted (seen for a value,
+    /// unseen for a tombstone). Records the agent skips or filters out are
+    /// not noted, so the sweep removes such keys.
+    async fn note(&mut self, source: &Source, incoming: &Incoming<'_>) -> Flow {
+        let topic = &self.settings.topics[incoming.topic_idx];
+        let Some(key) = incoming.key() else {
+            return Flow::Continue;
+        };
+        if key.len() > MAX_KEY_BYTES || !topic.wants_key(key) {
+            return Flow::Continue;
+        }
+        let mut redis_key = Vec::with_capacity(topic.key_prefix.len() + key.len());
+        redis_key.extend_from_slice(&topic.key_prefix);
+        redis_key.extend_from_slice(key);
+        let seen = incoming.payload().is_some();
+        if self.batch.is_full_for(redis_key.len(), 0) {
+            match self.flush(source).await {
+                Flow::Continue => {}
+                other => return other,
+            }
+        }
+        self.batch.note(redis_key, seen);
+        Flow::Continue
+    }
+
     fn skip(&mut self, partition: PartitionId, offset: i64, reason: SkipReason, why: &str) -> Flow {
         self.batch.skip(partition, offset, reason);
         if self.bad_window.elapsed() > BAD_RECORD_LOG_WINDOW {
@@ -560,7 +642,8 @@ impl Pipeline<'_> {
                     for (&partition, &next) in self.batch.next_offsets() {
                         self.positions.insert(partition, Start::At(next));
                     }
-                    self.records_since_start += self.batch.counts().records;
+                    let counts = self.batch.counts();
+                    self.records_since_start += counts.records + counts.noted;
                     self.batch.clear();
                     self.last_apply = Instant::now();
                     if self.state == State::RedisUnreachable {
@@ -591,6 +674,10 @@ impl Pipeline<'_> {
         warn!("Redis lost the agent's state (flushed, restarted without persistence, or replaced): rehydrating from the earliest offsets");
         self.metrics.rehydrated();
         self.batch.clear();
+        if self.resync.take().is_some() {
+            info!("the resync is moot: everything is read again anyway");
+        }
+        self.sink.abandon_resync();
         if self.connect_redis().await == Flow::Stop {
             return Flow::Stop;
         }
@@ -602,6 +689,7 @@ impl Pipeline<'_> {
         if let Err(e) = source.assign(&starts) {
             error!("{e}");
         }
+        self.log_start_unchecked.clear();
         source.forget_watermarks();
         self.caught_up = false;
         self.catch_up_started = Instant::now();
@@ -655,6 +743,13 @@ impl Pipeline<'_> {
             } else if self.caught_up {
                 self.lag = self.lag(source).or(self.lag);
             }
+            self.poll_retention(source);
+            if self.batch.is_empty()
+                && self.lag == Some(0)
+                && self.missed_deletes(source).await == Flow::Stop
+            {
+                return Flow::Stop;
+            }
         }
         self.write_state().await;
         self.report(source).await;
@@ -664,7 +759,9 @@ impl Pipeline<'_> {
     /// Once per tick: per-partition lag and the last Kafka contact to the
     /// status hash (fields that changed only) and to the metrics.
     async fn report(&mut self, source: &Source) {
-        if self.settings.config.kafka.commit_group.is_some() {
+        // During a resync the positions are those of the re-read, below the
+        // offsets Redis holds: the group keeps the last committed ones.
+        if self.settings.config.kafka.commit_group.is_some() && self.resync.is_none() {
             self.commit_applied(source);
         }
         let partition_lag = self.partition_lag(source);
@@ -732,6 +829,194 @@ impl Pipeline<'_> {
         }
     }
 
+    /// Reads topics' `delete.retention.ms` in the background: at start, then
+    /// every `RETENTION_REFRESH` (an operator may change it).
+    fn poll_retention(&mut self, source: &Source) {
+        match self.retention_task.take() {
+            None => {
+                let every = if self.retention.is_some() {
+                    RETENTION_REFRESH
+                } else {
+                    RETENTION_RETRY
+                };
+                if self.retention_tried.is_none_or(|at| at.elapsed() >= every) {
+                    self.retention_tried = Some(Instant::now());
+                    self.retention_task = Some(source.retention_task());
+                }
+            }
+            Some(handle) if !handle.is_finished() => self.retention_task = Some(handle),
+            Some(handle) => match handle.now_or_never() {
+                Some(Ok(Ok(retention))) => {
+                    if self.retention.as_ref() != Some(&retention) {
+                        debug!(?retention, "delete.retention.ms per topic");
+                    }
+                    self.retention = Some(retention);
+                }
+                Some(Ok(Err(e))) => debug!("reading topic configurations: {e}; will retry"),
+                _ => {}
+            },
+        }
+    }
+
+    /// Runs while every partition is read to its end: finishes a resync in
+    /// progress, or checks whether deletes may have been missed since the
+    /// agent was last caught up (see `resync`) and starts one, or else
+    /// moves `caught_up_ms` to now.
+    async fn missed_deletes(&mut self, source: &Source) -> Flow {
+        if self.resync.is_some() {
+            return self.finish_resync(source).await;
+        }
+        // Watermarks right after a reconnect may predate the outage; and
+        // without the topics' retention there is nothing to compare with.
+        if !source.settled() {
+            return Flow::Continue;
+        }
+        let Some(retention) = &self.retention else {
+            return Flow::Continue;
+        };
+        let now = crate::sink::now_ms();
+        let mut topics = resync::retention_exceeded(now, self.caught_up_ms, retention);
+        for &topic in &topics {
+            warn!(
+                topic = %self.settings.topics[topic].name,
+                away_s = (now - self.caught_up_ms) / 1000,
+                delete_retention_s = retention[topic].unwrap_or_default() / 1000,
+                "not caught up for longer than the topic keeps tombstones: deletes may have been missed"
+            );
+        }
+        let unchecked: Vec<PartitionId> = self.log_start_unchecked.keys().copied().collect();
+        for (partition, mark) in source.watermarks(&unchecked) {
+            let Some(stored) = self.log_start_unchecked.remove(&partition) else {
+                continue;
+            };
+            if stored < mark.low {
+                warn!(
+                    topic = %self.settings.topics[partition.0].name,
+                    partition = partition.1,
+                    stored,
+                    log_start = mark.low,
+                    "the stored offset is below the log start: records were deleted unread"
+                );
+                topics.insert(partition.0);
+            }
+        }
+        if !topics.is_empty() {
+            return self.start_resync(source, topics).await;
+        }
+        self.caught_up_ms = now;
+        if self
+            .caught_up_written
+            .is_none_or(|at| at.elapsed() >= CAUGHT_UP_WRITE_EVERY)
+        {
+            self.write_caught_up().await;
+        }
+        Flow::Continue
+    }
+
+    async fn write_caught_up(&mut self) {
+        let field = [("caught_up_ms", self.caught_up_ms.to_string())];
+        if self.sink.set_status(&field).await.is_ok() {
+            self.caught_up_written = Some(Instant::now());
+        }
+    }
+
+    /// Re-reads `topics` from the earliest offset, noting keys below the
+    /// stored offsets and tracking writes from there on.
+    async fn start_resync(&mut self, source: &Source, topics: BTreeSet<usize>) -> Flow {
+        let prefixes = topics
+            .iter()
+            .map(|&t| self.settings.topics[t].key_prefix.clone())
+            .collect();
+        if let Err(e) = self.sink.begin_resync(prefixes).await {
+            warn!("{e}; will try the resync again");
+            return Flow::Continue;
+        }
+        let mut shadow_until = BTreeMap::new();
+        for (partition, start) in self.positions.iter_mut() {
+            if topics.contains(&partition.0) {
+                if let Start::At(next) = *start {
+                    shadow_until.insert(*partition, next);
+                }
+                *start = Start::Earliest;
+            }
+        }
+        let starts: Vec<_> = self.positions.iter().map(|(&p, &s)| (p, s)).collect();
+        if let Err(e) = source.assign(&starts) {
+            error!("{e}");
+        }
+        source.forget_watermarks();
+        let names: Vec<&str> = topics
+            .iter()
+            .map(|&t| self.settings.topics[t].name.as_str())
+            .collect();
+        warn!(
+            topics = ?names,
+            "resync: reading again from the earliest offset; keys not seen again will be removed"
+        );
+        self.resync = Some(Resync {
+            topics,
+            shadow_until,
+            started_ms: crate::sink::now_ms(),
+            started: Instant::now(),
+        });
+        self.caught_up = false;
+        self.state = State::Resyncing;
+        self.catch_up_started = Instant::now();
+        self.records_since_start = 0;
+        self.progress_at = Instant::now();
+        self.progress_records = 0;
+        self.lag = None;
+        self.write_state().await;
+        Flow::Continue
+    }
+
+    /// The re-read reached the end of every partition: remove the keys it did
+    /// not see, then go live. On a Redis error the sweep runs again on the
+    /// next tick (writes stay tracked until it completed).
+    async fn finish_resync(&mut self, source: &Source) -> Flow {
+        let Some(resync) = &self.resync else {
+            return Flow::Continue;
+        };
+        let prefixes: Vec<Vec<u8>> = resync
+            .topics
+            .iter()
+            .map(|&t| self.settings.topics[t].key_prefix.clone())
+            .collect();
+        let mut removed = 0;
+        for prefix in &prefixes {
+            match self.sink.sweep(prefix).await {
+                Ok(n) => removed += n,
+                Err(SinkError::Lost) => return self.rehydrate(source).await,
+                Err(e) => {
+                    warn!("{e}; will sweep again");
+                    return Flow::Continue;
+                }
+            }
+        }
+        if let Err(e) = self.sink.end_resync().await {
+            warn!("{e}; will sweep again");
+            return Flow::Continue;
+        }
+        let Some(resync) = self.resync.take() else {
+            return Flow::Continue;
+        };
+        for (partition, until) in resync.shadow_until {
+            if let Some(start @ Start::Earliest) = self.positions.get_mut(&partition) {
+                *start = Start::At(until);
+            }
+        }
+        info!(
+            n_removed = removed,
+            seconds = format!("{:.1}", resync.started.elapsed().as_secs_f64()),
+            "resync done: removed the keys whose deletes were missed"
+        );
+        self.caught_up_ms = resync.started_ms;
+        self.write_caught_up().await;
+        self.state = State::CatchingUp;
+        self.check_caught_up(source);
+        Flow::Continue
+    }
+
     /// Adds partitions that appeared since the last look (a topic grew or was
     /// created after start). Metadata is read in the background; this only
     /// starts a request or takes the answer of the previous one.
@@ -764,6 +1049,7 @@ impl Pipeline<'_> {
                 info!(n_partitions = new.len(), "new partitions found; assigning");
                 match source.add(&new) {
                     Ok(()) => {
+                        self.log_start_unchecked.extend(stored_starts(&new));
                         self.positions.extend(new);
                         self.caught_up = false;
                     }
@@ -835,6 +1121,10 @@ impl Pipeline<'_> {
                 self.progress_at = Instant::now();
                 self.progress_records = self.records_since_start;
             }
+            return;
+        }
+        if self.resync.is_some() {
+            // Live only after the sweep (`finish_resync`).
             return;
         }
         let seconds = self.catch_up_started.elapsed().as_secs_f64();

@@ -24,12 +24,15 @@ use std::time::Duration;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 const APPLY_SCRIPT: &str = r#"
--- KEYS[1] marker, KEYS[2] offsets hash, KEYS[3] status hash, KEYS[4..] data keys
+-- KEYS[1] marker, KEYS[2] offsets hash, KEYS[3] status hash, KEYS[4] resync
+-- seen set, KEYS[5..] data keys
 -- ARGV[1] token, ARGV[2] n_offsets, ARGV[3] n_counters, ARGV[4] now_ms,
 -- ARGV[5] channel to PUBLISH changes on ('' for none),
 -- then n_offsets (field, next offset) pairs, n_counters (name, delta) pairs,
 -- then one (op, value) pair per data key: op "s" = SET value, "d" = DEL,
--- "x<ms>" = SET value expiring at Unix time <ms>.
+-- "x<ms>" = SET value expiring at Unix time <ms>. During a resync: the same
+-- op in upper case ("S", "D", "X<ms>") also adds the key to the seen set
+-- (removes it for "D"); "n" / "u" only add / remove it, writing nothing.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
 end
@@ -43,22 +46,57 @@ for i = 1, tonumber(ARGV[3]) do
   redis.call('HINCRBY', KEYS[3], ARGV[a], ARGV[a + 1])
   a = a + 2
 end
-for k = 4, #KEYS do
+for k = 5, #KEYS do
   local op = ARGV[a]
-  if op == 'd' then
-    redis.call('DEL', KEYS[k])
-  elseif op == 's' then
-    redis.call('SET', KEYS[k], ARGV[a + 1])
+  local c = string.sub(op, 1, 1)
+  if c == 'n' then
+    redis.call('SADD', KEYS[4], KEYS[k])
+  elseif c == 'u' then
+    redis.call('SREM', KEYS[4], KEYS[k])
   else
-    redis.call('SET', KEYS[k], ARGV[a + 1], 'PXAT', string.sub(op, 2))
-  end
-  if channel ~= '' then
-    redis.call('PUBLISH', channel, (op == 'd' and 'del ' or 'set ') .. KEYS[k])
+    local lower = string.lower(c)
+    if lower == 'd' then
+      redis.call('DEL', KEYS[k])
+    elseif lower == 's' then
+      redis.call('SET', KEYS[k], ARGV[a + 1])
+    else
+      redis.call('SET', KEYS[k], ARGV[a + 1], 'PXAT', string.sub(op, 2))
+    end
+    if c ~= lower then
+      redis.call(lower == 'd' and 'SREM' or 'SADD', KEYS[4], KEYS[k])
+    end
+    if channel ~= '' then
+      redis.call('PUBLISH', channel, (lower == 'd' and 'del ' or 'set ') .. KEYS[k])
+    end
   end
   a = a + 2
 end
 redis.call('HSET', KEYS[3], 'last_applied_ms', ARGV[4])
-return #KEYS - 3
+return #KEYS - 4
+"#;
+
+/// The end of a resync: of one page of keys under a resynced topic's
+/// prefix, deletes those the re-read did not see. Marker-checked like an
+/// apply, and atomic per page.
+const SWEEP_SCRIPT: &str = r#"
+-- KEYS[1] marker, KEYS[2] seen set, KEYS[3] status hash, KEYS[4..] candidates
+-- ARGV[1] token, ARGV[2] channel ('' for none)
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
+end
+local n = 0
+for k = 4, #KEYS do
+  if redis.call('SISMEMBER', KEYS[2], KEYS[k]) == 0 then
+    n = n + redis.call('DEL', KEYS[k])
+    if ARGV[2] ~= '' then
+      redis.call('PUBLISH', ARGV[2], 'del ' .. KEYS[k])
+    end
+  end
+end
+if n > 0 then
+  redis.call('HINCRBY', KEYS[3], 'swept', n)
+end
+return n
 "#;
 
 /// Adopt the marker if it exists; otherwise create it and drop any offsets
@@ -70,7 +108,7 @@ if current then
   return {current, 0}
 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 return {ARGV[1], 1}
 "#;
 
@@ -114,6 +152,11 @@ pub struct InitOutcome {
     /// True when the marker was missing: Redis holds none of our state.
     pub fresh: bool,
     pub offsets: StoredOffsets,
+    /// When the agent last knew every partition read to its end
+    /// (`caught_up_ms` in the status hash), or else when the marker was
+    /// created: the start of the window in which deletes may have been
+    /// missed.
+    pub caught_up_ms: i64,
 }
 
 /// Keys of the agent's own meta data.
@@ -122,6 +165,8 @@ pub struct MetaKeys {
     pub marker: String,
     pub offsets: String,
     pub status: String,
+    /// During a resync: the keys seen again (a set).
+    pub seen: String,
 }
 
 impl MetaKeys {
@@ -130,6 +175,7 @@ impl MetaKeys {
             marker: format!("{namespace}:marker"),
             offsets: format!("{namespace}:offsets"),
             status: format!("{namespace}:status"),
+            seen: format!("{namespace}:seen"),
         }
     }
 }
@@ -142,8 +188,12 @@ pub struct Sink {
     token: String,
     apply: Script,
     init: Script,
+    sweep: Script,
     topic_names: Vec<String>,
     publish_channel: Option<String>,
+    /// Key prefixes of the topics being resynced: their writes also update
+    /// the seen set.
+    tracked: Vec<Vec<u8>>,
 }
 
 impl Sink {
@@ -171,8 +221,10 @@ impl Sink {
             token: String::new(),
             apply: Script::new(APPLY_SCRIPT),
             init: Script::new(INIT_SCRIPT),
+            sweep: Script::new(SWEEP_SCRIPT),
             topic_names,
             publish_channel,
+            tracked: Vec::new(),
         })
     }
 
@@ -216,6 +268,7 @@ impl Sink {
                 init.key(&keys.marker)
                     .key(&keys.offsets)
                     .key(&keys.status)
+                    .key(&keys.seen)
                     .arg(&candidate)
                     .invoke_async(&mut c)
                     .await
@@ -223,10 +276,101 @@ impl Sink {
             .await?;
         self.token = token;
         let offsets = self.load_offsets().await?;
+        let key = self.keys.status.clone();
+        let stored: Option<String> = self
+            .call(|mut c| async move {
+                redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("caught_up_ms")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let marker_ms = token_ms(&self.token).unwrap_or_else(now_ms);
+        let caught_up_ms = stored
+            .and_then(|v| v.parse::<i64>().ok())
+            .map_or(marker_ms, |ms| ms.max(marker_ms));
         Ok(InitOutcome {
             fresh: created == 1,
             offsets,
+            caught_up_ms,
         })
+    }
+
+    /// Starts a resync of the topics with these key prefixes: an empty seen
+    /// set (one left by an interrupted resync would keep stale keys), and
+    /// from now on their writes are tracked in it.
+    pub async fn begin_resync(&mut self, prefixes: Vec<Vec<u8>>) -> Result<(), SinkError> {
+        let key = self.keys.seen.clone();
+        self.call(
+            |mut c| async move { redis::cmd("DEL").arg(&key).query_async::<()>(&mut c).await },
+        )
+        .await?;
+        self.tracked = prefixes;
+        Ok(())
+    }
+
+    /// Stops tracking and drops the seen set.
+    pub async fn end_resync(&mut self) -> Result<(), SinkError> {
+        self.tracked.clear();
+        let key = self.keys.seen.clone();
+        self.call(
+            |mut c| async move { redis::cmd("DEL").arg(&key).query_async::<()>(&mut c).await },
+        )
+        .await
+    }
+
+    /// Forgets a resync without touching Redis (it lost our state anyway).
+    pub fn abandon_resync(&mut self) {
+        self.tracked.clear();
+    }
+
+    /// Deletes every key under `prefix` that the resync did not see again;
+    /// returns how many. Keys are listed with SCAN (which never blocks Redis
+    /// for long) and each page is checked and deleted by one script.
+    pub async fn sweep(&mut self, prefix: &[u8]) -> Result<u64, SinkError> {
+        let pattern = scan_pattern(prefix);
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let pattern = pattern.clone();
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
+                .call(|mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(SWEEP_PAGE)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            if !keys.is_empty() {
+                // A clone (the script is its source and hash) so the
+                // invocation does not borrow `self` across `call`.
+                let sweep = self.sweep.clone();
+                let mut invocation = sweep.prepare_invoke();
+                invocation
+                    .key(&self.keys.marker)
+                    .key(&self.keys.seen)
+                    .key(&self.keys.status);
+                for key in &keys {
+                    invocation.key(key.as_slice());
+                }
+                invocation
+                    .arg(&self.token)
+                    .arg(self.publish_channel.as_deref().unwrap_or(""));
+                let n: u64 = self
+                    .call(|mut c| async move { invocation.invoke_async(&mut c).await })
+                    .await?;
+                removed += n;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
     }
 
     async fn load_offsets(&mut self) -> Result<StoredOffsets, SinkError> {
@@ -259,7 +403,8 @@ impl Sink {
         invocation
             .key(&self.keys.marker)
             .key(&self.keys.offsets)
-            .key(&self.keys.status);
+            .key(&self.keys.status)
+            .key(&self.keys.seen);
         let counts = batch.counts();
         let counters: Vec<(&str, u64)> =
             [("records", counts.records), ("filtered", counts.filtered)]
@@ -287,12 +432,21 @@ impl Sink {
         }
         for (key, op) in batch.ops() {
             invocation.key(key.as_slice());
-            match op {
-                Op::Set(value) => invocation.arg("s").arg(value.as_slice()),
-                Op::SetUntil(value, at_ms) => {
+            let tracked = !self.tracked.is_empty()
+                && self.tracked.iter().any(|prefix| key.starts_with(prefix));
+            match (op, tracked) {
+                (Op::Set(value), false) => invocation.arg("s").arg(value.as_slice()),
+                (Op::Set(value), true) => invocation.arg("S").arg(value.as_slice()),
+                (Op::SetUntil(value, at_ms), false) => {
                     invocation.arg(format!("x{at_ms}")).arg(value.as_slice())
                 }
-                Op::Delete => invocation.arg("d").arg(""),
+                (Op::SetUntil(value, at_ms), true) => {
+                    invocation.arg(format!("X{at_ms}")).arg(value.as_slice())
+                }
+                (Op::Delete, false) => invocation.arg("d").arg(""),
+                (Op::Delete, true) => invocation.arg("D").arg(""),
+                (Op::Seen, _) => invocation.arg("n").arg(""),
+                (Op::Unseen, _) => invocation.arg("u").arg(""),
             };
         }
         let result: Result<i64, SinkError> = invocation
@@ -352,6 +506,28 @@ impl Sink {
     }
 }
 
+/// Keys per SCAN page (and per sweep script) at the end of a resync.
+const SWEEP_PAGE: usize = 500;
+
+/// A SCAN MATCH pattern for every key starting with `prefix`: glob
+/// characters in the prefix are escaped.
+fn scan_pattern(prefix: &[u8]) -> Vec<u8> {
+    let mut pattern = Vec::with_capacity(prefix.len() + 1);
+    for &b in prefix {
+        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+            pattern.push(b'\\');
+        }
+        pattern.push(b);
+    }
+    pattern.push(b'*');
+    pattern
+}
+
+/// When a marker token was made (its leading milliseconds).
+fn token_ms(token: &str) -> Option<i64> {
+    token.split_once('-')?.0.parse().ok()
+}
+
 /// A token unique enough to tell this marker from one set by another run:
 /// time plus process id, no randomness source needed.
 fn new_token() -> String {
@@ -363,4 +539,23 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_pattern_escapes_glob_characters() {
+        assert_eq!(scan_pattern(b"device:"), b"device:*");
+        assert_eq!(scan_pattern(b"a*b?[c]\\"), b"a\\*b\\?\\[c\\]\\\\*");
+    }
+
+    #[test]
+    fn token_time() {
+        assert_eq!(token_ms("1795746333420-4242"), Some(1_795_746_333_420));
+        assert_eq!(token_ms("garbage"), None);
+        let token = new_token();
+        assert!(token_ms(&token).unwrap() <= now_ms());
+    }
 }

@@ -18,7 +18,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// How long a metadata or watermark request may take.
@@ -27,6 +27,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// "became non-empty" callback is edge-triggered and can be missed (see
 /// rust-rdkafka#665); this bounds the cost of a missed edge.
 const POLL_FALLBACK: Duration = Duration::from_millis(100);
+/// How long broker connections must have been up before watermarks count
+/// as current (two statistics intervals after the first one seen up).
+const SETTLE: Duration = Duration::from_secs(3);
+/// `delete.retention.ms` assumed when the broker will not describe a topic's
+/// configuration (no DescribeConfigs permission): Kafka's default, 24 h.
+pub const DEFAULT_DELETE_RETENTION_MS: i64 = 86_400_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -54,6 +60,11 @@ pub struct SourceContext {
     /// Whether the last `commit_group` commit failed (warn once per run of
     /// failures, not once per second).
     commit_failing: AtomicBool,
+    /// Since when the statistics have shown a broker connection up; `None`
+    /// while none is. Watermarks are only trusted once this has lasted a
+    /// few seconds: right after a reconnect they may still be the ones from
+    /// before the outage.
+    up_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl ClientContext for SourceContext {
@@ -74,6 +85,15 @@ impl ClientContext for SourceContext {
             self.last_contact_ms.fetch_max(contact, Ordering::Relaxed);
         }
         let (mut queued_records, mut queued_bytes) = (0u64, 0u64);
+        {
+            let any_up = statistics.brokers.values().any(|b| b.state == "UP");
+            let mut up_since = self.up_since.lock().unwrap_or_else(|e| e.into_inner());
+            match (any_up, *up_since) {
+                (true, None) => *up_since = Some(Instant::now()),
+                (false, Some(_)) => *up_since = None,
+                _ => {}
+            }
+        }
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         for (name, topic) in statistics.topics {
             for (id, p) in topic.partitions {
@@ -116,6 +136,7 @@ impl ClientContext for SourceContext {
             KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => return,
             KafkaError::Global(RDKafkaErrorCode::AllBrokersDown) => {
                 self.brokers_down.store(true, Ordering::Relaxed);
+                *self.up_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             _ => {}
         }
@@ -144,6 +165,31 @@ impl ConsumerContext for SourceContext {
                 }
             }
         }
+    }
+}
+
+/// Context of the short-lived admin client: its librdkafka instance gets the
+/// consumer's properties, and warnings that consumer-only ones are ignored
+/// (CONFWARN) would only be noise.
+struct AdminContext;
+
+impl ClientContext for AdminContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if fac == "CONFWARN" {
+            return;
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "{fac}: {message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
+            _ => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(target: "librdkafka", "admin client: {error}: {reason}");
     }
 }
 
@@ -201,6 +247,9 @@ pub struct Watermarks {
 
 pub struct Source {
     consumer: Arc<Inner>,
+    /// The client properties, for the short-lived admin client that reads
+    /// topic configurations.
+    properties: Arc<BTreeMap<String, String>>,
     /// Signalled by librdkafka when its queue becomes non-empty. A `Notify`
     /// keeps the signal as a permit when nobody waits yet, so an edge that
     /// fires while the pipeline is busy writing to Redis is not lost.
@@ -234,6 +283,7 @@ impl Source {
         consumer.set_nonempty_callback(move || waker.notify_one());
         Ok(Source {
             consumer: Arc::new(consumer),
+            properties: Arc::new(properties.clone()),
             wake,
             topic_names: Arc::new(topic_names),
         })
@@ -275,6 +325,78 @@ impl Source {
         )
     }
 
+    /// True when broker connections have been up for a few seconds, so the
+    /// watermarks librdkafka reports come from current fetch responses.
+    pub fn settled(&self) -> bool {
+        self.consumer
+            .context()
+            .up_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|since| since.elapsed() >= SETTLE)
+    }
+
+    /// Starts reading each configured topic's tombstone retention in the
+    /// background (a DescribeConfigs request through a short-lived admin
+    /// client). Per topic: `Some(delete.retention.ms)` for a compacted
+    /// topic, `None` for one that is not compacted (its deletes are not
+    /// tombstones). A topic the broker will not describe (no permission)
+    /// gets Kafka's default with a warning; a failed request is an error,
+    /// to be retried.
+    pub fn retention_task(&self) -> tokio::task::JoinHandle<Result<Vec<Option<i64>>, SourceError>> {
+        let properties = self.properties.clone();
+        let names = self.topic_names.clone();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+            let mut config = ClientConfig::new();
+            for (key, value) in properties.iter() {
+                config.set(key, value);
+            }
+            let admin: AdminClient<AdminContext> = config
+                .create_with_context(AdminContext)
+                .map_err(|e| SourceError::Config(e.to_string()))?;
+            let specifiers: Vec<ResourceSpecifier<'_>> = names
+                .iter()
+                .map(|name| ResourceSpecifier::Topic(name))
+                .collect();
+            let options = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
+            let results = runtime
+                .block_on(admin.describe_configs(&specifiers, &options))
+                .map_err(|e| SourceError::Request(e.to_string()))?;
+            let mut retention = Vec::with_capacity(names.len());
+            for (name, result) in names.iter().zip(results) {
+                match result {
+                    Ok(resource) => {
+                        let value = |key: &str| {
+                            resource
+                                .get(key)
+                                .and_then(|entry| entry.value.clone())
+                                .unwrap_or_default()
+                        };
+                        if !value("cleanup.policy").contains("compact") {
+                            retention.push(None);
+                        } else {
+                            let ms = value("delete.retention.ms")
+                                .parse()
+                                .unwrap_or(DEFAULT_DELETE_RETENTION_MS);
+                            retention.push(Some(ms));
+                        }
+                    }
+                    Err(code) => {
+                        tracing::warn!(
+                            topic = %name,
+                            "cannot read the topic's configuration ({code}); assuming \
+                             delete.retention.ms = {DEFAULT_DELETE_RETENTION_MS} (Kafka's default)"
+                        );
+                        retention.push(Some(DEFAULT_DELETE_RETENTION_MS));
+                    }
+                }
+            }
+            Ok(retention)
+        })
+    }
+
     /// Partitions of every configured topic, from broker metadata. A topic
     /// that does not exist (yet) has none; the caller asks again later.
     /// Runs on tokio's blocking pool: librdkafka's call blocks.
@@ -282,9 +404,39 @@ impl Source {
         let found = self
             .discover_task()
             .await
-            .map_err(|e| SourceError::Request(e.to_string()))??;
-        self.mark_reachable();
-        Ok(found)
+            .map_err(|e| SourceError::Request(e.to_string()))
+            .and_then(|result| result);
+        match found {
+            Ok(found) => {
+                self.mark_reachable();
+                Ok(found)
+            }
+            Err(e) => {
+                self.log_pending_events();
+                Err(e)
+            }
+        }
+    }
+
+    /// Hands librdkafka's queued log lines and errors to the log. librdkafka
+    /// delivers them through the consumer's queue, which nothing polls before
+    /// the first assignment: without this, a failed TLS handshake or SASL
+    /// authentication at start would only show as a metadata timeout.
+    /// Does nothing while partitions are assigned, since polling here would
+    /// take (and lose) a record; the pipeline's own polling serves them then.
+    fn log_pending_events(&self) {
+        let assigned = self.consumer.assignment().map(|list| list.count());
+        if assigned != Ok(0) {
+            return;
+        }
+        // poll() returns after each log event with a zero timeout, and an
+        // empty queue looks the same: a bounded number of rounds drains it.
+        for _ in 0..256 {
+            if let Some(Err(e)) = self.consumer.poll(Duration::ZERO) {
+                // Already logged by SourceContext::error; kept at debug.
+                tracing::debug!(target: "librdkafka", "{e}");
+            }
+        }
     }
 
     /// Starts reading metadata in the background; the pipeline checks the

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full test suite: formatting, lints (warnings are errors), unit tests,
 # and the end-to-end tests against a real Kafka broker and real redis-servers.
-# Installs and starts what they need; stops the broker again if it started it.
+# Installs and starts what they need (the plain broker and the secure one);
+# stops again the brokers it started.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -9,13 +10,23 @@ cd "$ROOT"
 bash tests/services.sh deps
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
-started_kafka=no
-if ! bash tests/services.sh kafka-status; then
-  bash tests/services.sh kafka-start
-  started_kafka=yes
-fi
-stop_kafka() { [[ $started_kafka == yes ]] && bash tests/services.sh kafka-stop; true; }
+started_kafka=no started_secure=no
+stop_kafka() {
+  [[ $started_secure == yes ]] && bash tests/services.sh kafka-secure-stop
+  [[ $started_kafka == yes ]] && bash tests/services.sh kafka-stop
+  true
+}
 trap stop_kafka EXIT
+if ! bash tests/services.sh kafka-status; then
+  started_kafka=yes
+  bash tests/services.sh kafka-start
+fi
+# The second broker, with TLS and SASL listeners, for tests/secure.rs (5-8 s
+# to start, credentials generated fresh); a failed start ends the run here.
+if ! bash tests/services.sh kafka-secure-status; then
+  started_secure=yes
+  bash tests/services.sh kafka-secure-start
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

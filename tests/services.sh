@@ -8,6 +8,15 @@
 #   kafka-status  exit 0 if the broker answers
 #   kafka-tool CLASS ARGS...   run a Kafka CLI class, e.g.
 #                 kafka-tool org.apache.kafka.tools.TopicCommand --list --bootstrap-server 127.0.0.1:39092
+#   kafka-secure-start|-stop|-status   a second broker for tests/secure.rs, with
+#                 its own run dir (EDGECACHE_SECURE_RUN, default /tmp/edgecache-secure)
+#                 and ports (EDGECACHE_SECURE_KAFKA_PORT, default 39192):
+#                   PORT    PLAINTEXT (test producer, admin, inter-broker)
+#                   PORT+1  CONTROLLER
+#                   PORT+2  SSL, client certificate required (mTLS)
+#                   PORT+3  SASL_SSL: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+#                 The CA, certificates, the client key's password and the SASL
+#                 user's password are generated at start under $RUN/kafka/clients/.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,6 +31,26 @@ PIDFILE=$KDIR/kafka.pid
 LOG=$KDIR/server.log
 # JVM output that escapes log4j (crash messages, GC errors) lands here.
 OUT=$KDIR/stdout.log
+SECURE=no
+
+# Points every variable above at the secure broker, so the same functions
+# start, check and stop it without touching the shared plain broker.
+use_secure() {
+  SECURE=yes
+  RUN=${EDGECACHE_SECURE_RUN:-/tmp/edgecache-secure}
+  KDIR=$RUN/kafka
+  PORT=${EDGECACHE_SECURE_KAFKA_PORT:-39192}
+  CPORT=$((PORT + 1))
+  SSL_PORT=$((PORT + 2))
+  SASL_SSL_PORT=$((PORT + 3))
+  PIDFILE=$KDIR/kafka.pid
+  LOG=$KDIR/server.log
+  OUT=$KDIR/stdout.log
+  CLIENTS=$KDIR/clients
+  # A test fixture: a smaller heap leaves the shared machine's memory to the
+  # plain broker and the builds.
+  EDGECACHE_KAFKA_JVM_OPTS=${EDGECACHE_SECURE_KAFKA_JVM_OPTS:--Xmx256m -Xms128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1}
+}
 
 log() { echo "services.sh: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -31,7 +60,7 @@ deps() {
   # so a warm machine (CI reruns) pays nothing.
   local missing=() cmd pkg
   for pair in redis-server:redis-server mvn:maven java:openjdk-17-jre-headless \
-              cmake:cmake g++:g++ perl:perl make:make; do
+              cmake:cmake g++:g++ perl:perl make:make openssl:openssl; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   done
@@ -84,6 +113,7 @@ kafka_start() {
   kafka_stop # a leftover broker that stopped answering would hold the data dir
   rm -rf "$KDIR"
   mkdir -p "$KDIR/data"
+  [[ $SECURE == yes ]] && make_credentials
   write_config
   format_storage
   launch
@@ -104,11 +134,8 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CPORT
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs=$KDIR/data
 num.partitions=3
 offsets.topic.replication.factor=1
@@ -123,6 +150,15 @@ auto.create.topics.enable=false
 # Let compaction tests see the cleaner run within seconds.
 log.cleaner.backoff.ms=1000
 EOF
+  if [[ $SECURE == yes ]]; then
+    write_secure_listeners
+  else
+    cat >>"$KDIR/server.properties" <<EOF
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+EOF
+  fi
   # Kafka 4 logs through log4j2 only: a log4j 1.x log4j.properties is ignored
   # and the broker would log to the console. log4j2's properties format keeps
   # this a plain heredoc.
@@ -142,9 +178,67 @@ EOF
 }
 
 format_storage() {
-  local id=-
+  local id=- scram=()
   while [[ $id == -* ]]; do id=$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='); done
-  kafka_tool kafka.tools.StorageTool format -t "$id" -c "$KDIR/server.properties" >/dev/null
+  if [[ $SECURE == yes ]]; then
+    # KRaft keeps SCRAM credentials in the metadata log: adding them at
+    # format time makes them exist before the first client connects.
+    local pw; pw=$(<"$CLIENTS/sasl.password")
+    scram=(--add-scram "SCRAM-SHA-256=[name=edge,password=$pw]"
+           --add-scram "SCRAM-SHA-512=[name=edge,password=$pw]")
+  fi
+  kafka_tool kafka.tools.StorageTool format -t "$id" -c "$KDIR/server.properties" "${scram[@]}" >/dev/null
+}
+
+# Test credentials, new for every start: a CA, the broker's certificate (SAN
+# IP:127.0.0.1 and DNS:localhost, so clients verify the hostname), a client
+# certificate whose key is encrypted with a password, and the password of the
+# SASL user `edge` (PLAIN and both SCRAM mechanisms). EC P-256 keys: generated
+# in milliseconds. Kafka reads PEM directly (ssl.keystore.type=PEM): no keytool.
+make_credentials() {
+  local c=$CLIENTS
+  mkdir -p "$c"
+  # Passwords from /dev/urandom, alphanumeric: they go into the broker's
+  # properties and the SCRAM format argument without quoting trouble.
+  head -c 300 /dev/urandom | tr -dc 'A-Za-z0-9' | head -c 24 >"$c/sasl.password"
+  head -c 300 /dev/urandom | tr -dc 'A-Za-z0-9' | head -c 24 >"$c/client-key.password"
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256)
+  openssl req -x509 "${ec[@]}" -nodes -keyout "$c/ca.key" -out "$c/ca.pem" -days 7 \
+    -subj "/CN=edgecache test CA" 2>/dev/null
+  openssl req -new "${ec[@]}" -nodes -keyout "$c/server.key" -out "$c/server.csr" \
+    -subj "/CN=localhost" 2>/dev/null
+  openssl x509 -req -in "$c/server.csr" -CA "$c/ca.pem" -CAkey "$c/ca.key" -set_serial 2 -days 7 \
+    -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n') \
+    -out "$c/server.crt" 2>/dev/null
+  # Kafka's PEM keystore: the PKCS#8 key, then the certificate chain.
+  cat "$c/server.key" "$c/server.crt" "$c/ca.pem" >"$c/server-keystore.pem"
+  openssl req -new "${ec[@]}" -nodes -keyout "$c/client.plain.key" -out "$c/client.csr" \
+    -subj "/CN=edgecache-gateway" 2>/dev/null
+  openssl x509 -req -in "$c/client.csr" -CA "$c/ca.pem" -CAkey "$c/ca.key" -set_serial 3 -days 7 \
+    -extfile <(printf 'extendedKeyUsage=clientAuth\n') -out "$c/client.pem" 2>/dev/null
+  openssl pkcs8 -topk8 -v2 aes-256-cbc -in "$c/client.plain.key" -out "$c/client.key" \
+    -passout "file:$c/client-key.password"
+  rm -f "$c/client.plain.key" "$c"/*.csr
+  [[ -s $c/client.key && -s $c/server-keystore.pem ]] || die "generating test certificates failed"
+}
+
+write_secure_listeners() {
+  local pw; pw=$(<"$CLIENTS/sasl.password")
+  cat >>"$KDIR/server.properties" <<EOF
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SSL://127.0.0.1:$SSL_PORT,SASL_SSL://127.0.0.1:$SASL_SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SSL://127.0.0.1:$SSL_PORT,SASL_SSL://127.0.0.1:$SASL_SSL_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL
+ssl.keystore.type=PEM
+ssl.keystore.location=$CLIENTS/server-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$CLIENTS/ca.pem
+# mTLS on the SSL listener only; SASL_SSL clients authenticate with SASL.
+listener.name.ssl.ssl.client.auth=required
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_edge="$pw";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+EOF
 }
 
 launch() {
@@ -169,6 +263,9 @@ launch() {
   # Port open is not enough: the socket server binds before the broker has
   # caught up with the metadata log. "Kafka Server started" comes after that.
   while ! { port_open "$PORT" && grep -q 'Kafka Server started' "$LOG" 2>/dev/null; }; do
+    # Sleep first: until the child has exec'd java its cmdline is still
+    # bash's, and broker_pid would call a starting broker dead.
+    sleep 0.5
     if ! broker_pid >/dev/null; then
       show_failure
       die "Kafka exited during startup"
@@ -178,7 +275,6 @@ launch() {
       kafka_stop
       die "Kafka not ready after 90 s"
     fi
-    sleep 0.5
   done
   log "Kafka ready in $((SECONDS - t0)) s (pid $(<"$PIDFILE"))"
 }
@@ -205,5 +301,8 @@ case ${1:-} in
   kafka-resume) kafka_resume ;;
   kafka-status) port_open "$PORT" ;;
   kafka-tool) shift; kafka_tool "$@" ;;
-  *) echo "usage: $0 deps|kafka-start|kafka-stop|kafka-resume|kafka-status|kafka-tool CLASS ARGS..." >&2; exit 2 ;;
+  kafka-secure-start) use_secure; kafka_start ;;
+  kafka-secure-stop) use_secure; kafka_stop ;;
+  kafka-secure-status) use_secure; port_open "$PORT" ;;
+  *) echo "usage: $0 deps|kafka-start|kafka-stop|kafka-resume|kafka-status|kafka-tool CLASS ARGS...|kafka-secure-start|kafka-secure-stop|kafka-secure-status" >&2; exit 2 ;;
 esac

@@ -59,12 +59,30 @@ pub fn create_topic(name: &str, partitions: i32) {
 /// Creates a topic with the given cleanup.policy (a compacted topic's broker
 /// rejects keyless records, so tests of those use "delete").
 pub fn create_topic_with(name: &str, partitions: i32, cleanup_policy: &str) {
+    create_topic_at(
+        &brokers(),
+        name,
+        partitions,
+        &[("cleanup.policy", cleanup_policy)],
+    );
+}
+
+/// Creates a topic with the given topic configs.
+pub fn create_topic_configs(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    create_topic_at(&brokers(), name, partitions, configs);
+}
+
+/// Creates a topic with the given configs on the given brokers (the secure
+/// test broker's PLAINTEXT listener, say).
+pub fn create_topic_at(brokers: &str, name: &str, partitions: i32, configs: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1))
-        .set("cleanup.policy", cleanup_policy);
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (key, value) in configs {
+        topic = topic.set(key, value);
+    }
     let results = block_on(admin.create_topics(&[topic], &AdminOptions::new()))
         .expect("create_topics request");
     for result in results {
@@ -111,8 +129,13 @@ pub struct TestProducer {
 
 impl TestProducer {
     pub fn new(topic: &str) -> TestProducer {
+        TestProducer::at(&brokers(), topic)
+    }
+
+    /// A producer to the given brokers instead of the shared test broker.
+    pub fn at(brokers: &str, topic: &str) -> TestProducer {
         let producer: BaseProducer<DeliveryCheck> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             .set("linger.ms", "5")
             .set("message.max.bytes", "2000000")
             // Per-key order must hold for the oracle, retries or not.
@@ -590,11 +613,12 @@ impl Agent {
         let log = config.with_extension(format!("{}.log", unique("run")));
         let child = Command::new(bin())
             .args(["run", "--config", config.to_str().unwrap()])
-            .envs(env.iter().copied())
             .env(
                 "EDGECACHE_LOG",
                 std::env::var("EDGECACHE_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // After EDGECACHE_LOG, so a test can raise the log level.
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -722,4 +746,88 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Every record the topic's log still holds (tombstones included) as
+/// (partition, offset, key), read from the beginning to the end of each
+/// partition.
+pub fn log_records(topic: &str) -> Vec<(i32, i64, Vec<u8>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("log-records"))
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut list = rdkafka::TopicPartitionList::new();
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    for &p in &partitions {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).expect("assign");
+    let mut records = Vec::new();
+    let mut at_end = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at_end.len() < partitions.len() {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} to its end took over 30 s"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => records.push((
+                message.partition(),
+                message.offset(),
+                message.key().unwrap_or_default().to_vec(),
+            )),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    records
+}
+
+/// Deletes every record before `offset` in each given partition
+/// (the DeleteRecords admin request): the log start moves there.
+pub fn delete_records(topic: &str, before: &[(i32, i64)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let mut list = rdkafka::TopicPartitionList::new();
+    for &(partition, offset) in before {
+        list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))
+            .unwrap();
+    }
+    let result = block_on(admin.delete_records(&list, &AdminOptions::new()))
+        .expect("delete_records request");
+    for element in result.elements() {
+        if let Err(e) = element.error() {
+            panic!("deleting records of {topic}/{}: {e}", element.partition());
+        }
+    }
+}
+
+/// The next offset per partition in the agent's offsets hash for `topic`.
+pub fn stored_offsets(redis: &Redis, topic: &str) -> BTreeMap<i32, i64> {
+    redis
+        .hgetall("edgecache:offsets")
+        .into_iter()
+        .filter_map(|(field, value)| {
+            let (t, p) = field.rsplit_once('/')?;
+            (t == topic).then(|| (p.parse().unwrap(), value.parse().unwrap()))
+        })
+        .collect()
 }
