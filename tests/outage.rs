@@ -76,6 +76,12 @@ fn state(redis: &Redis) -> String {
         .unwrap_or_default()
 }
 
+fn last_kafka_contact_ms(redis: &Redis) -> i64 {
+    redis.hgetall("edgecache:status")["last_kafka_contact_ms"]
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn redis_and_kafka_outages() {
     let outage = Duration::from_secs(
@@ -133,6 +139,7 @@ fn redis_and_kafka_outages() {
     let before = redis.dump("device:");
     services("kafka-stop");
     let outage_start = std::time::Instant::now();
+    let outage_start_ms = edgecache::sink::now_ms();
     wait_until(
         outage + Duration::from_secs(30),
         "state kafka-unreachable",
@@ -147,7 +154,15 @@ fn redis_and_kafka_outages() {
         assert!(agent.is_running(), "agent died during the Kafka outage");
         std::thread::sleep(Duration::from_secs(1));
     }
+    // The last contact stays where the broker went away: nothing claims
+    // contact during the outage (a second of slack for clocks).
+    let contact = last_kafka_contact_ms(&redis);
+    assert!(
+        contact <= outage_start_ms + 1000,
+        "last_kafka_contact_ms {contact} is after the broker stopped at {outage_start_ms}"
+    );
     services("kafka-resume");
+    let resumed_ms = edgecache::sink::now_ms();
     producer.random_states(&mut rng, 2_000, 3000);
     assert_converges(
         &redis,
@@ -158,6 +173,9 @@ fn redis_and_kafka_outages() {
     );
     wait_until(Duration::from_secs(60), "state live again", || {
         state(&redis) == "live"
+    });
+    wait_until(Duration::from_secs(30), "a new Kafka contact", || {
+        last_kafka_contact_ms(&redis) >= resumed_ms
     });
     assert_eq!(redis.status_counter("records"), producer.n_sent);
 
