@@ -107,6 +107,7 @@ pub struct Metrics {
     apply_us: Histogram<13>,
     redis_errors: AtomicU64,
     kafka_errors: AtomicU64,
+    kafka_client_errors: AtomicU64,
     rehydrates: AtomicU64,
     fetch_queue_records: AtomicU64,
     fetch_queue_bytes: AtomicU64,
@@ -128,6 +129,7 @@ impl Metrics {
             apply_us: Histogram::new(&APPLY_BUCKETS_US),
             redis_errors: AtomicU64::new(0),
             kafka_errors: AtomicU64::new(0),
+            kafka_client_errors: AtomicU64::new(0),
             rehydrates: AtomicU64::new(0),
             fetch_queue_records: AtomicU64::new(0),
             fetch_queue_bytes: AtomicU64::new(0),
@@ -160,6 +162,11 @@ impl Metrics {
 
     pub fn kafka_error(&self) {
         self.kafka_errors.fetch_add(1, Relaxed);
+    }
+
+    /// librdkafka's own error count (the source keeps it).
+    pub fn set_kafka_client_errors(&self, n: u64) {
+        self.kafka_client_errors.store(n, Relaxed);
     }
 
     pub fn rehydrated(&self) {
@@ -240,6 +247,12 @@ impl Metrics {
             "counter",
             "Errors reported by the Kafka client while polling.",
             counter(&self.kafka_errors),
+        );
+        metric(
+            "edgecache_kafka_client_errors_total",
+            "counter",
+            "Errors librdkafka reported (connection failures, all brokers down...).",
+            counter(&self.kafka_client_errors),
         );
         metric(
             "edgecache_rehydrates_total",

@@ -447,6 +447,9 @@ impl Pipeline<'_> {
                 }
                 Err(e) => {
                     self.set_state(State::KafkaUnreachable).await;
+                    // Metrics and the status hash show a broker that never
+                    // answered, too.
+                    self.report(source).await;
                     warn!("{e}; retrying");
                     if self.pause(backoff.next_delay()).await == Flow::Stop {
                         return Flow::Stop;
@@ -766,6 +769,7 @@ impl Pipeline<'_> {
         }
         let partition_lag = self.partition_lag(source);
         let last_contact_ms = source.last_contact_ms();
+        self.metrics.set_kafka_client_errors(source.client_errors());
         self.metrics.tick(
             self.lag,
             partition_lag.clone(),

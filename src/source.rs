@@ -60,6 +60,8 @@ pub struct SourceContext {
     /// Whether the last `commit_group` commit failed (warn once per run of
     /// failures, not once per second).
     commit_failing: AtomicBool,
+    /// Errors librdkafka reported (connections refused, all brokers down...).
+    client_errors: AtomicU64,
     /// Since when the statistics have shown a broker connection up; `None`
     /// while none is. Watermarks are only trusted once this has lasted a
     /// few seconds: right after a reconnect they may still be the ones from
@@ -140,6 +142,7 @@ impl ClientContext for SourceContext {
             }
             _ => {}
         }
+        self.client_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(target: "librdkafka", "{error}: {reason}");
     }
 }
@@ -313,6 +316,14 @@ impl Source {
             .last_contact_ms
             .load(Ordering::Relaxed);
         (ms > 0).then_some(ms)
+    }
+
+    /// Errors librdkafka reported through its error callback so far.
+    pub fn client_errors(&self) -> u64 {
+        self.consumer
+            .context()
+            .client_errors
+            .load(Ordering::Relaxed)
     }
 
     /// Records and bytes librdkafka holds prefetched (statistics, every

@@ -136,6 +136,8 @@ fn metrics_match_what_was_applied() {
     assert!(metrics["edgecache_redis_apply_seconds_sum"] > 0.0);
     assert_eq!(metrics["edgecache_rehydrates_total"], 0.0);
     assert_eq!(metrics["edgecache_redis_errors_total"], 0.0);
+    assert_eq!(metrics["edgecache_kafka_errors_total"], 0.0);
+    assert!(metrics.contains_key("edgecache_kafka_client_errors_total"));
     let rss = metrics["process_resident_memory_bytes"];
     assert!(rss > 1e6 && rss < 256e6, "RSS {rss}");
     assert!(metrics.contains_key("edgecache_kafka_fetch_queue_records"));
@@ -246,6 +248,51 @@ fn no_listener_unless_configured() {
     let agent = Agent::start(&config);
     converges(&redis, &producer);
     assert_eq!(listening_ports(agent.pid()), Vec::<u16>::new());
+}
+
+/// With no broker to talk to, nothing claims a Kafka contact: no contact
+/// metric, no `last_kafka_contact_ms`, `kafka contact never`; the state and
+/// librdkafka's errors show why.
+#[test]
+fn no_kafka_contact_without_a_broker() {
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("nokafka.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[kafka]\nbrokers = \"127.0.0.1:{}\"\n[redis]\nurl = \"{}\"\n\
+             [[topics]]\nname = \"t\"\nkey_prefix = \"device:\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            free_port(),
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let _agent = Agent::start(&path);
+    let mut metrics = BTreeMap::new();
+    wait_until(
+        CONVERGE,
+        "state kafka-unreachable with errors counted",
+        || {
+            // The agent may not be listening yet.
+            if TcpStream::connect(("127.0.0.1", port)).is_err() {
+                return false;
+            }
+            metrics = scrape(port);
+            metrics.get("edgecache_state{state=\"kafka-unreachable\"}") == Some(&1.0)
+                && metrics["edgecache_kafka_client_errors_total"] > 0.0
+        },
+    );
+    assert!(
+        !metrics.contains_key("edgecache_kafka_last_contact_age_seconds"),
+        "{metrics:#?}"
+    );
+    let status = redis.hgetall("edgecache:status");
+    assert!(!status.contains_key("last_kafka_contact_ms"), "{status:?}");
+    let (_, stdout, _) = run_cli(&["status", "--config", path.to_str().unwrap()]);
+    assert!(stdout.contains("kafka contact never"), "{stdout}");
 }
 
 /// A non-loopback `metrics.listen` without `allow_remote` is a configuration
