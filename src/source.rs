@@ -299,16 +299,17 @@ impl Source {
     }
 
     pub fn mark_reachable(&self) {
-        let context = self.consumer.context();
-        context.brokers_down.store(false, Ordering::Relaxed);
-        context
-            .last_contact_ms
-            .fetch_max(crate::sink::now_ms(), Ordering::Relaxed);
+        self.consumer
+            .context()
+            .brokers_down
+            .store(false, Ordering::Relaxed);
     }
 
-    /// Unix ms when a broker was last heard from (a fetch or metadata
-    /// response, from librdkafka's per-broker receive idle time, or records
-    /// and metadata reaching the pipeline); `None` if never.
+    /// Unix ms when a broker was last heard from: bytes on a connected
+    /// broker's socket (librdkafka's per-broker receive idle time, to the
+    /// second) or a metadata response. Not records reaching the pipeline:
+    /// those may have been prefetched before the broker went away.
+    /// `None` if never.
     pub fn last_contact_ms(&self) -> Option<i64> {
         let ms = self
             .consumer
@@ -462,6 +463,10 @@ impl Source {
                 let metadata = consumer
                     .fetch_metadata(Some(name), REQUEST_TIMEOUT)
                     .map_err(|e| SourceError::Request(e.to_string()))?;
+                consumer
+                    .context()
+                    .last_contact_ms
+                    .fetch_max(crate::sink::now_ms(), Ordering::Relaxed);
                 for topic in metadata.topics() {
                     if topic.error().is_some() {
                         continue;
