@@ -3,7 +3,8 @@
 //! atomic step as the writes it covers, so Redis never holds data newer than
 //! its offsets say nor offsets newer than its data (G2). Resume reads these
 //! offsets and seeks there; a partition without one starts at the earliest
-//! offset Kafka still has. Kafka consumer-group commits are never used.
+//! offset Kafka still has. Kafka consumer-group commits (`kafka.commit_group`)
+//! are only for operators' lag tools and are never read back.
 
 use std::collections::BTreeMap;
 

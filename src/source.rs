@@ -4,9 +4,9 @@
 //! Kafka Streams GlobalKTable: each gateway needs the whole state, so there
 //! is no consumer group membership and no rebalance. Positions come from the
 //! offsets stored in Redis (see `checkpoint`); the optional commits to
-//! `kafka.commit_group` are for operators' lag tools and never read back. librdkafka's prefetch and
-//! fetch sizes come from the memory budget (see `config`), never from its
-//! defaults, which allow 64 MiB of queued data.
+//! `kafka.commit_group` are for operators' lag tools and never read back.
+//! librdkafka's prefetch and fetch sizes come from the memory budget (see
+//! `config`), never from its defaults, which allow 64 MiB of queued data.
 
 use crate::batch::PartitionId;
 use crate::checkpoint::Start;
