@@ -198,6 +198,251 @@ struct StoredRecordRef<'a> {
     value: &'a Value,
 }
 
+/// Decodes a record value and encodes it for Redis in one step; what the
+/// pipeline calls. Same bytes and errors as [`decode_input`] followed by
+/// [`encode_store`]. JSON stored as postcard (the default pair) takes a
+/// direct path that writes the postcard bytes while parsing, without
+/// building a [`Value`]: no allocation per string, list or map. Anything
+/// that path does not handle (an error, a duplicate object key, nesting past
+/// the cap, objects with many keys) is redone by the two-step path, which
+/// then decides the outcome.
+pub fn transcode(
+    input: InputFormat,
+    store: StoreFormat,
+    payload: &[u8],
+    ts_ms: Option<i64>,
+    out: &mut Vec<u8>,
+) -> Result<(), DecodeError> {
+    if input == InputFormat::Json
+        && store == StoreFormat::Postcard
+        && json_to_stored(payload, ts_ms, out)
+    {
+        return Ok(());
+    }
+    let value = decode_input(input, payload)?;
+    encode_store(store, &value, payload, ts_ms, out)
+}
+
+/// postcard's encoding of each [`Value`] variant's tag (its index).
+mod tag {
+    pub const NULL: u8 = 0;
+    pub const BOOL: u8 = 1;
+    pub const INT: u8 = 2;
+    pub const FLOAT: u8 = 3;
+    pub const STRING: u8 = 4;
+    pub const LIST: u8 = 6;
+    pub const MAP: u8 = 7;
+    pub const DECIMAL: u8 = 8;
+}
+
+/// The fast path of [`transcode`]: `[MAGIC, FORMAT_VERSION]` and the
+/// postcard of `StoredRecord`, written as serde_json parses. False when the
+/// two-step path must decide (see [`transcode`]); `out` is then garbage.
+fn json_to_stored(payload: &[u8], ts_ms: Option<i64>, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    out.extend_from_slice(&[MAGIC, FORMAT_VERSION]);
+    match ts_ms {
+        None => out.push(0),
+        Some(ts) => {
+            out.push(1);
+            put_varint(out, zigzag(ts));
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(payload);
+    Transcoder { out, depth: 0 }
+        .deserialize(&mut deserializer)
+        .and_then(|()| deserializer.end())
+        .is_ok()
+}
+
+/// postcard's varint: unsigned LEB128.
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn zigzag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+/// Lists and maps are written before their length is known: one byte is
+/// reserved, which holds counts below 128; larger counts shift the rest.
+fn patch_count(out: &mut Vec<u8>, at: usize, count: u64) {
+    if count < 0x80 {
+        out[at] = count as u8;
+    } else {
+        let mut varint = Vec::with_capacity(10);
+        put_varint(&mut varint, count);
+        out.splice(at..at + 1, varint);
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A JSON number that is not an i64: the same choice as `Value::from_f64`.
+fn put_f64(out: &mut Vec<u8>, f: f64) {
+    if let Value::Decimal { mantissa, scale } = Value::from_f64(f) {
+        out.push(tag::DECIMAL);
+        put_varint(out, zigzag(mantissa));
+        out.push(scale);
+    } else {
+        out.push(tag::FLOAT);
+        out.extend_from_slice(&f.to_le_bytes());
+    }
+}
+
+/// Why the fast path gave up; never shown (the two-step path redoes it).
+fn give_up<E: serde::de::Error>() -> E {
+    E::custom("left to the two-step path")
+}
+
+/// Writes one JSON value at `depth` as a postcard [`Value`].
+struct Transcoder<'a> {
+    out: &'a mut Vec<u8>,
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Transcoder<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        if self.depth > MAX_DEPTH {
+            return Err(give_up::<D::Error>());
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Transcoder<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.out.push(tag::NULL);
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        self.out.extend_from_slice(&[tag::BOOL, b as u8]);
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<(), E> {
+        self.out.push(tag::INT);
+        put_varint(self.out, zigzag(i));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<(), E> {
+        match i64::try_from(u) {
+            Ok(i) => {
+                self.out.push(tag::INT);
+                put_varint(self.out, zigzag(i));
+            }
+            Err(_) => put_f64(self.out, u as f64),
+        }
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<(), E> {
+        if f.is_finite() {
+            put_f64(self.out, f);
+        } else {
+            self.out.push(tag::NULL);
+        }
+        Ok(())
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        self.out.push(tag::STRING);
+        put_str(self.out, s);
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.out.extend_from_slice(&[tag::LIST, 0]);
+        let count_at = self.out.len() - 1;
+        let mut count = 0u64;
+        while seq
+            .next_element_seed(Transcoder {
+                out: &mut *self.out,
+                depth: self.depth + 1,
+            })?
+            .is_some()
+        {
+            count += 1;
+        }
+        patch_count(self.out, count_at, count);
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.out.extend_from_slice(&[tag::MAP, 0]);
+        let count_at = self.out.len() - 1;
+        // Where each key's bytes are in `out`, to find a duplicate key (its
+        // value must replace the first one's in place, which this path
+        // cannot do). Only positions before the current key are kept, and
+        // nothing before them moves.
+        let mut keys = [(0usize, 0usize); LINEAR_KEY_SCAN];
+        let mut count = 0usize;
+        while let Some((start, end)) = map.next_key_seed(KeyWriter(&mut *self.out))? {
+            if count == LINEAR_KEY_SCAN {
+                return Err(give_up::<A::Error>());
+            }
+            let key = &self.out[start..end];
+            if keys[..count].iter().any(|&(s, e)| &self.out[s..e] == key) {
+                return Err(give_up::<A::Error>());
+            }
+            keys[count] = (start, end);
+            count += 1;
+            map.next_value_seed(Transcoder {
+                out: &mut *self.out,
+                depth: self.depth + 1,
+            })?;
+        }
+        patch_count(self.out, count_at, count as u64);
+        Ok(())
+    }
+}
+
+/// Writes an object key (length, then bytes); returns where its bytes are.
+struct KeyWriter<'a>(&'a mut Vec<u8>);
+
+impl<'de> DeserializeSeed<'de> for KeyWriter<'_> {
+    type Value = (usize, usize);
+
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<(usize, usize), D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyWriter<'_> {
+    type Value = (usize, usize);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(usize, usize), E> {
+        put_varint(self.0, s.len() as u64);
+        let start = self.0.len();
+        self.0.extend_from_slice(s.as_bytes());
+        Ok((start, self.0.len()))
+    }
+}
+
 /// Decodes a postcard-stored value (header included).
 pub fn decode_stored(bytes: &[u8]) -> Result<StoredRecord, DecodeError> {
     match bytes {
@@ -510,6 +755,8 @@ mod tests {
             .collect()
     }
 
+    /// The stored bytes by both paths, checked equal; the direct path must
+    /// be the one that produced them.
     fn store_postcard(json: &str, ts_ms: Option<i64>) -> Vec<u8> {
         let value = decode_input(InputFormat::Json, json.as_bytes()).unwrap();
         let mut out = Vec::new();
@@ -521,6 +768,12 @@ mod tests {
             &mut out,
         )
         .unwrap();
+        let mut direct = Vec::new();
+        assert!(
+            json_to_stored(json.as_bytes(), ts_ms, &mut direct),
+            "{json} left the direct path"
+        );
+        assert_eq!(hex(&direct), hex(&out), "{json}");
         out
     }
 
@@ -633,10 +886,8 @@ mod tests {
         );
     }
 
-    /// `decode_json` against the old two-step path, value and error alike,
-    /// on hand-picked edge cases and on generated documents.
-    #[test]
-    fn direct_json_decoding_matches_the_serde_json_value_path() {
+    /// Edge cases and generated documents (fixed seed) for the JSON paths.
+    fn json_cases() -> Vec<String> {
         let deep = |n: usize, inner: &str| "[".repeat(n) + inner + &"]".repeat(n);
         let mut cases: Vec<String> = [
             r#"{"device":"sensor-1","temp_c":21.3,"rssi":-67,"online":true,"alarms":[]}"#,
@@ -714,18 +965,62 @@ mod tests {
                 }
             }
         }
+        let many: Vec<String> = (0..200).map(|i| format!("{i}.5")).collect();
+        cases.push(format!("[{}]", many.join(",")));
+        cases.push(format!(
+            "{{\"long\":\"{}\",\"x\":[[{}]]}}",
+            "é".repeat(100),
+            many.join(",")
+        ));
+        let wide: Vec<String> = (0..17).map(|i| format!("\"k{i}\":{i}")).collect();
+        cases.push(format!("{{{}}}", wide.join(",")));
+        cases.push(format!("{{{}}}", wide[..16].join(",")));
         for _ in 0..2000 {
             cases.push(gen(&mut next, 0));
         }
-        for case in &cases {
+        cases
+    }
+
+    /// `decode_json` against the old two-step path, value and error alike.
+    #[test]
+    fn direct_json_decoding_matches_the_serde_json_value_path() {
+        for case in &json_cases() {
             let direct = decode_json(case.as_bytes());
             let reference = reference_decode(case.as_bytes());
-            // Compare bits, not ==, so -0.0 and 0.0 are told apart.
+            // Compare the Debug text, not ==, so -0.0 and 0.0 are told apart.
             assert_eq!(
                 format!("{direct:?}"),
                 format!("{reference:?}"),
                 "input {case}"
             );
+        }
+    }
+
+    /// `transcode` (with its direct JSON -> postcard path) against decoding
+    /// and encoding in two steps: same bytes, same errors, every format.
+    #[test]
+    fn transcode_matches_decode_then_encode() {
+        let formats = [StoreFormat::Postcard, StoreFormat::Json, StoreFormat::Raw];
+        for (i, case) in json_cases().iter().enumerate() {
+            let ts = [
+                None,
+                Some(0),
+                Some(-1),
+                Some(1_767_225_600_000),
+                Some(i64::MIN),
+            ][i % 5];
+            for store in formats {
+                let payload = case.as_bytes();
+                let mut direct = vec![1, 2, 3];
+                let direct_result = transcode(InputFormat::Json, store, payload, ts, &mut direct);
+                let mut two_step = Vec::new();
+                let two_step_result = decode_input(InputFormat::Json, payload)
+                    .and_then(|v| encode_store(store, &v, payload, ts, &mut two_step));
+                assert_eq!(direct_result, two_step_result, "input {case} ({store})");
+                if two_step_result.is_ok() {
+                    assert_eq!(hex(&direct), hex(&two_step), "input {case} ({store})");
+                }
+            }
         }
     }
 
