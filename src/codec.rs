@@ -248,7 +248,13 @@ fn json_to_stored(payload: &[u8], ts_ms: Option<i64>, out: &mut Vec<u8>) -> bool
             put_varint(out, zigzag(ts));
         }
     }
-    let mut deserializer = serde_json::Deserializer::from_slice(payload);
+    // Reading bytes, serde_json checks UTF-8 string by string; one check of
+    // the whole payload is cheaper, and for valid UTF-8 both readers give
+    // the same result (invalid UTF-8 is left to the two-step path).
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return false;
+    };
+    let mut deserializer = serde_json::Deserializer::from_str(text);
     Transcoder { out, depth: 0 }
         .deserialize(&mut deserializer)
         .and_then(|()| deserializer.end())
@@ -1001,7 +1007,16 @@ mod tests {
     #[test]
     fn transcode_matches_decode_then_encode() {
         let formats = [StoreFormat::Postcard, StoreFormat::Json, StoreFormat::Raw];
-        for (i, case) in json_cases().iter().enumerate() {
+        let mut payloads: Vec<Vec<u8>> = json_cases().into_iter().map(String::into_bytes).collect();
+        // Invalid UTF-8, inside and outside strings.
+        payloads.extend([
+            b"\"\xff\"".to_vec(),
+            b"[1,\"a\xc3\"]".to_vec(),
+            b"\xff".to_vec(),
+            b"{\"k\":1} \xff".to_vec(),
+        ]);
+        for (i, payload) in payloads.iter().enumerate() {
+            let case = String::from_utf8_lossy(payload);
             let ts = [
                 None,
                 Some(0),
@@ -1010,7 +1025,6 @@ mod tests {
                 Some(i64::MIN),
             ][i % 5];
             for store in formats {
-                let payload = case.as_bytes();
                 let mut direct = vec![1, 2, 3];
                 let direct_result = transcode(InputFormat::Json, store, payload, ts, &mut direct);
                 let mut two_step = Vec::new();
