@@ -978,6 +978,10 @@ mod tests {
             "é".repeat(100),
             many.join(",")
         ));
+        // Keys after a count that needed more than one byte (the bytes
+        // before them moved), with and without a duplicate.
+        cases.push(format!("{{\"a\":[{}],\"b\":1,\"a\":2}}", many.join(",")));
+        cases.push(format!("{{\"a\":[{}],\"b\":1,\"c\":2}}", many.join(",")));
         let wide: Vec<String> = (0..17).map(|i| format!("\"k{i}\":{i}")).collect();
         cases.push(format!("{{{}}}", wide.join(",")));
         cases.push(format!("{{{}}}", wide[..16].join(",")));
@@ -985,6 +989,31 @@ mod tests {
             cases.push(gen(&mut next, 0));
         }
         cases
+    }
+
+    /// The direct path writes these tags itself: they must be the variant
+    /// indexes serde gives `Value`.
+    #[test]
+    fn direct_path_tags_are_the_value_variant_indexes() {
+        let tags = [
+            (Value::Null, tag::NULL),
+            (Value::Bool(true), tag::BOOL),
+            (Value::Int(1), tag::INT),
+            (Value::Float(0.5), tag::FLOAT),
+            (Value::String(String::new()), tag::STRING),
+            (Value::List(vec![]), tag::LIST),
+            (Value::Map(vec![]), tag::MAP),
+            (
+                Value::Decimal {
+                    mantissa: 1,
+                    scale: 1,
+                },
+                tag::DECIMAL,
+            ),
+        ];
+        for (value, tag) in tags {
+            assert_eq!(postcard::to_allocvec(&value).unwrap()[0], tag, "{value:?}");
+        }
     }
 
     /// `decode_json` against the old two-step path, value and error alike.
