@@ -49,6 +49,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+// In a subdirectory: a file directly under benches/ would be taken for a
+// bench target of its own.
+#[path = "edgecache/plots.rs"]
+mod plots;
+
 const PARTITIONS: i32 = 6;
 /// The agent's own keys in Redis with the default namespace.
 const STATUS_KEY: &str = "edgecache:status";
@@ -174,6 +179,98 @@ fn main() {
     progress(&format!("raw samples in {}", out_dir.display()));
     // A full run writes ~200 MB to the broker; do not let reruns pile up.
     delete_topics(&brokers, &[&topic, &live_topic, &compact_topic]);
+    // Last, so a missing font cannot cost the table or leave topics behind.
+    draw_plots(&out_dir, &p, &agent_runs, &naive_runs, &reads, &live);
+    progress(&format!("plots in {}/*.png", out_dir.display()));
+}
+
+/// The PNG plots (benches/edgecache/plots.rs) from the samples above.
+fn draw_plots(
+    out_dir: &Path,
+    p: &Params,
+    agent: &[RehydrateRun],
+    naive: &[NaiveRun],
+    reads: &Reads,
+    live: &[LiveRate],
+) {
+    let result = (|| -> Result<(), Box<dyn std::error::Error>> {
+        plots::register_font()?;
+        let records = p.records as f64;
+        let runs: Vec<plots::Line> = agent
+            .iter()
+            .enumerate()
+            .map(|(i, r)| plots::Line {
+                label: format!("run {} (VmHWM {:.1} MiB)", i + 1, r.hwm_kib as f64 / 1024.0),
+                points: r
+                    .rss
+                    .iter()
+                    .map(|&(ms, kib)| (ms as f64 / 1000.0, kib as f64 / 1024.0))
+                    .collect(),
+            })
+            .collect();
+        plots::rss(
+            &out_dir.join("rss.png"),
+            &runs,
+            memory_budget_mib_value(),
+            24.0,
+            &format!("Agent RSS while rehydrating {} records", p.records),
+        )?;
+        let us = |v: &[u64]| v.iter().map(|&x| x as i64).collect::<Vec<i64>>();
+        plots::latency(
+            &out_dir.join("get-latency.png"),
+            &[
+                ("GET during rehydrate, unix socket".into(), us(&reads.unix)),
+                ("GET during rehydrate, TCP".into(), us(&reads.tcp)),
+                ("GET, idle Redis, unix socket".into(), us(&reads.idle_unix)),
+                ("GET, idle Redis, TCP".into(), us(&reads.idle_tcp)),
+            ],
+            &[(1.0, "goal: p99 ≤ 1 ms".into())],
+            "Redis GET latency while the agent rehydrates (curves cross the grey line at p99)",
+        )?;
+        let mut series = Vec::new();
+        let mut marks = Vec::new();
+        for l in live {
+            series.push((
+                format!("produce → readable, {}/s", l.rate),
+                us(&l.produce_to_readable),
+            ));
+            series.push((
+                format!("broker ack → readable, {}/s", l.rate),
+                l.ack_to_readable.clone(),
+            ));
+            let goal_ms = if l.rate <= 1000 { 5.0 } else { 20.0 };
+            marks.push((
+                goal_ms,
+                format!("goal at {}/s: p99 ≤ {goal_ms:.0} ms", l.rate),
+            ));
+        }
+        plots::latency(
+            &out_dir.join("live-latency.png"),
+            &series,
+            &marks,
+            "Live latency, produce → key readable in Redis (curves cross the grey line at p99)",
+        )?;
+        let agent_rates: Vec<f64> = agent
+            .iter()
+            .map(|r| records / r.data.as_secs_f64())
+            .collect();
+        let naive_rates: Vec<f64> = naive.iter().map(|r| records / r.seconds).collect();
+        plots::throughput(
+            &out_dir.join("rehydrate.png"),
+            &agent_rates,
+            &naive_rates,
+            200_000.0,
+            median(&naive_rates),
+            &format!(
+                "Rehydrate of {} records: edgecache vs one SET per record",
+                p.records
+            ),
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        panic!("drawing the plots failed: {e}");
+    }
 }
 
 // ===================================================================
@@ -1452,6 +1549,15 @@ fn memory_budget_mib() -> String {
         .find(|(k, _)| k.trim() == "memory_budget_mib")
         .map(|(_, v)| format!("{} MiB", v.trim()))
         .unwrap_or_else(|| "32 MiB (default)".into())
+}
+
+/// The same budget in MiB, for the RSS plot.
+fn memory_budget_mib_value() -> f64 {
+    memory_budget_mib()
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32.0)
 }
 
 /// The q-quantile (nearest rank) of `v`, sorting it; 0 for an empty list.

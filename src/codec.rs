@@ -7,7 +7,10 @@
 //! Every decoder here sees outside bytes, so none of them may panic: bad
 //! input is an [`DecodeError`] and the pipeline skips and counts the record.
 
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::fmt;
 
 /// First byte of every postcard-stored value. Chosen so a stored value is
@@ -148,11 +151,7 @@ pub enum DecodeError {
 /// Parses one record value as its topic's input format.
 pub fn decode_input(format: InputFormat, payload: &[u8]) -> Result<Value, DecodeError> {
     match format {
-        InputFormat::Json => {
-            let json: serde_json::Value =
-                serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
-            from_json(json, 0)
-        }
+        InputFormat::Json => decode_json(payload),
         InputFormat::Postcard => {
             let value: Value =
                 postcard::from_bytes(payload).map_err(|e| DecodeError::Postcard(e.to_string()))?;
@@ -199,6 +198,257 @@ struct StoredRecordRef<'a> {
     value: &'a Value,
 }
 
+/// Decodes a record value and encodes it for Redis in one step; what the
+/// pipeline calls. Same bytes and errors as [`decode_input`] followed by
+/// [`encode_store`]. JSON stored as postcard (the default pair) takes a
+/// direct path that writes the postcard bytes while parsing, without
+/// building a [`Value`]: no allocation per string, list or map. Anything
+/// that path does not handle (an error, a duplicate object key, nesting past
+/// the cap, objects with many keys) is redone by the two-step path, which
+/// then decides the outcome.
+pub fn transcode(
+    input: InputFormat,
+    store: StoreFormat,
+    payload: &[u8],
+    ts_ms: Option<i64>,
+    out: &mut Vec<u8>,
+) -> Result<(), DecodeError> {
+    if input == InputFormat::Json
+        && store == StoreFormat::Postcard
+        && json_to_stored(payload, ts_ms, out)
+    {
+        return Ok(());
+    }
+    let value = decode_input(input, payload)?;
+    encode_store(store, &value, payload, ts_ms, out)
+}
+
+/// postcard's encoding of each [`Value`] variant's tag (its index).
+mod tag {
+    pub const NULL: u8 = 0;
+    pub const BOOL: u8 = 1;
+    pub const INT: u8 = 2;
+    pub const FLOAT: u8 = 3;
+    pub const STRING: u8 = 4;
+    pub const LIST: u8 = 6;
+    pub const MAP: u8 = 7;
+    pub const DECIMAL: u8 = 8;
+}
+
+/// The fast path of [`transcode`]: `[MAGIC, FORMAT_VERSION]` and the
+/// postcard of `StoredRecord`, written as serde_json parses. False when the
+/// two-step path must decide (see [`transcode`]); `out` is then garbage.
+fn json_to_stored(payload: &[u8], ts_ms: Option<i64>, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    out.extend_from_slice(&[MAGIC, FORMAT_VERSION]);
+    match ts_ms {
+        None => out.push(0),
+        Some(ts) => {
+            out.push(1);
+            put_varint(out, zigzag(ts));
+        }
+    }
+    // Reading bytes, serde_json checks UTF-8 string by string; one check of
+    // the whole payload is cheaper, and for valid UTF-8 both readers give
+    // the same result (invalid UTF-8 is left to the two-step path).
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return false;
+    };
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    Transcoder { out, depth: 0 }
+        .deserialize(&mut deserializer)
+        .and_then(|()| deserializer.end())
+        .is_ok()
+}
+
+/// postcard's varint: unsigned LEB128.
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn zigzag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+/// Lists and maps are written before their length is known: one byte is
+/// reserved, which holds counts below 128; larger counts shift the rest.
+fn patch_count(out: &mut Vec<u8>, at: usize, count: u64) {
+    if count < 0x80 {
+        out[at] = count as u8;
+    } else {
+        let mut varint = Vec::with_capacity(10);
+        put_varint(&mut varint, count);
+        out.splice(at..at + 1, varint);
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A JSON number that is not an i64: the same choice as `Value::from_f64`.
+fn put_f64(out: &mut Vec<u8>, f: f64) {
+    if let Value::Decimal { mantissa, scale } = Value::from_f64(f) {
+        out.push(tag::DECIMAL);
+        put_varint(out, zigzag(mantissa));
+        out.push(scale);
+    } else {
+        out.push(tag::FLOAT);
+        out.extend_from_slice(&f.to_le_bytes());
+    }
+}
+
+/// Why the fast path gave up; never shown (the two-step path redoes it).
+fn give_up<E: serde::de::Error>() -> E {
+    E::custom("left to the two-step path")
+}
+
+/// Writes one JSON value at `depth` as a postcard [`Value`].
+struct Transcoder<'a> {
+    out: &'a mut Vec<u8>,
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Transcoder<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        if self.depth > MAX_DEPTH {
+            return Err(give_up::<D::Error>());
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Transcoder<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.out.push(tag::NULL);
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        self.out.extend_from_slice(&[tag::BOOL, b as u8]);
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<(), E> {
+        self.out.push(tag::INT);
+        put_varint(self.out, zigzag(i));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<(), E> {
+        match i64::try_from(u) {
+            Ok(i) => {
+                self.out.push(tag::INT);
+                put_varint(self.out, zigzag(i));
+            }
+            Err(_) => put_f64(self.out, u as f64),
+        }
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<(), E> {
+        if f.is_finite() {
+            put_f64(self.out, f);
+        } else {
+            self.out.push(tag::NULL);
+        }
+        Ok(())
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        self.out.push(tag::STRING);
+        put_str(self.out, s);
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.out.extend_from_slice(&[tag::LIST, 0]);
+        let count_at = self.out.len() - 1;
+        let mut count = 0u64;
+        while seq
+            .next_element_seed(Transcoder {
+                out: &mut *self.out,
+                depth: self.depth + 1,
+            })?
+            .is_some()
+        {
+            count += 1;
+        }
+        patch_count(self.out, count_at, count);
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.out.extend_from_slice(&[tag::MAP, 0]);
+        let count_at = self.out.len() - 1;
+        // Where each key's bytes are in `out`, to find a duplicate key (its
+        // value must replace the first one's in place, which this path
+        // cannot do). Only positions before the current key are kept, and
+        // nothing before them moves.
+        let mut keys = [(0usize, 0usize); LINEAR_KEY_SCAN];
+        let mut count = 0usize;
+        while let Some((start, end)) = map.next_key_seed(KeyWriter(&mut *self.out))? {
+            if count == LINEAR_KEY_SCAN {
+                return Err(give_up::<A::Error>());
+            }
+            let key = &self.out[start..end];
+            if keys[..count].iter().any(|&(s, e)| &self.out[s..e] == key) {
+                return Err(give_up::<A::Error>());
+            }
+            keys[count] = (start, end);
+            count += 1;
+            map.next_value_seed(Transcoder {
+                out: &mut *self.out,
+                depth: self.depth + 1,
+            })?;
+        }
+        patch_count(self.out, count_at, count as u64);
+        Ok(())
+    }
+}
+
+/// Writes an object key (length, then bytes); returns where its bytes are.
+struct KeyWriter<'a>(&'a mut Vec<u8>);
+
+impl<'de> DeserializeSeed<'de> for KeyWriter<'_> {
+    type Value = (usize, usize);
+
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<(usize, usize), D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyWriter<'_> {
+    type Value = (usize, usize);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(usize, usize), E> {
+        put_varint(self.0, s.len() as u64);
+        let start = self.0.len();
+        self.0.extend_from_slice(s.as_bytes());
+        Ok((start, self.0.len()))
+    }
+}
+
 /// Decodes a postcard-stored value (header included).
 pub fn decode_stored(bytes: &[u8]) -> Result<StoredRecord, DecodeError> {
     match bytes {
@@ -241,32 +491,150 @@ pub fn stored_to_json(
     }
 }
 
-fn from_json(json: serde_json::Value, depth: usize) -> Result<Value, DecodeError> {
-    if depth > MAX_DEPTH {
+/// Parses JSON text straight into a [`Value`], with no `serde_json::Value`
+/// tree in between (that tree, an `IndexMap` per object, cost about a third
+/// of the agent's CPU during a rehydrate; BENCHMARKS.md).
+///
+/// The result is exactly what parsing into `serde_json::Value` (with
+/// `preserve_order`) and converting would give, errors included: the same
+/// parser reports the same syntax and recursion-limit errors, a duplicate
+/// object key keeps its first position with the last value (as `IndexMap`
+/// does), and anything nested deeper than [`MAX_DEPTH`] is still parsed
+/// (and dropped) so that a syntax error later in the text, or serde_json's
+/// own recursion limit, wins over [`DecodeError::TooDeep`], as before.
+fn decode_json(payload: &[u8]) -> Result<Value, DecodeError> {
+    let too_deep = Cell::new(false);
+    let mut deserializer = serde_json::Deserializer::from_slice(payload);
+    let value = JsonSeed {
+        depth: 0,
+        too_deep: &too_deep,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|value| deserializer.end().map(|()| value))
+    .map_err(|e| DecodeError::Json(e.to_string()))?;
+    if too_deep.get() {
         return Err(DecodeError::TooDeep);
     }
-    Ok(match json {
-        serde_json::Value::Null => Value::Null,
-        serde_json::Value::Bool(b) => Value::Bool(b),
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(i) => Value::Int(i),
-            // u64 beyond i64 and all fractions become floats, as in JavaScript.
-            None => Value::from_f64(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        serde_json::Value::String(s) => Value::String(s),
-        serde_json::Value::Array(items) => Value::List(
-            items
-                .into_iter()
-                .map(|item| from_json(item, depth + 1))
-                .collect::<Result<_, _>>()?,
-        ),
-        serde_json::Value::Object(fields) => Value::Map(
-            fields
-                .into_iter()
-                .map(|(k, v)| Ok((k, from_json(v, depth + 1)?)))
-                .collect::<Result<_, _>>()?,
-        ),
-    })
+    Ok(value)
+}
+
+/// Objects with more keys than this find duplicates through a hash index
+/// instead of a linear scan, so a huge object cannot cost quadratic time.
+const LINEAR_KEY_SCAN: usize = 16;
+
+/// One JSON value at `depth`; sets `too_deep` instead of failing so that
+/// parsing goes on (see [`decode_json`]), and collects nothing once set.
+#[derive(Clone, Copy)]
+struct JsonSeed<'a> {
+    depth: usize,
+    too_deep: &'a Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for JsonSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        // Past the cap the text is still parsed through deserialize_any (not
+        // IgnoredAny, which skips without serde_json's recursion limit) so
+        // the errors stay the same; the value is thrown away.
+        if self.depth > MAX_DEPTH {
+            self.too_deep.set(true);
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        Ok(Value::Int(i))
+    }
+
+    /// u64 beyond i64 becomes a float, as in JavaScript.
+    fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
+        Ok(match i64::try_from(u) {
+            Ok(i) => Value::Int(i),
+            Err(_) => Value::from_f64(u as f64),
+        })
+    }
+
+    /// serde_json turns a non-finite float into null (its `Number` cannot
+    /// hold one; its parser does not produce one either).
+    fn visit_f64<E>(self, f: f64) -> Result<Value, E> {
+        Ok(if f.is_finite() {
+            Value::from_f64(f)
+        } else {
+            Value::Null
+        })
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let item = JsonSeed {
+            depth: self.depth + 1,
+            ..self
+        };
+        let mut items = Vec::new();
+        while let Some(value) = seq.next_element_seed(item)? {
+            if !self.too_deep.get() {
+                items.push(value);
+            }
+        }
+        Ok(Value::List(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let field = JsonSeed {
+            depth: self.depth + 1,
+            ..self
+        };
+        let mut fields: Vec<(String, Value)> = Vec::new();
+        let mut index: Option<HashMap<String, usize>> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(field)?;
+            if self.too_deep.get() {
+                continue;
+            }
+            let existing = match &index {
+                Some(index) => index.get(&key).copied(),
+                None => fields.iter().position(|(k, _)| *k == key),
+            };
+            match existing {
+                Some(at) => fields[at].1 = value,
+                None => {
+                    if let Some(index) = &mut index {
+                        index.insert(key.clone(), fields.len());
+                    }
+                    fields.push((key, value));
+                    if index.is_none() && fields.len() > LINEAR_KEY_SCAN {
+                        let all = fields.iter().enumerate();
+                        index = Some(all.map(|(at, (k, _))| (k.clone(), at)).collect());
+                    }
+                }
+            }
+        }
+        Ok(Value::Map(fields))
+    }
 }
 
 fn check_depth(value: &Value, depth: usize) -> Result<(), DecodeError> {
@@ -349,6 +717,42 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// The JSON path before `decode_json`: parse into `serde_json::Value`,
+    /// then convert. Kept as the oracle that `decode_json` must match.
+    fn reference_decode(payload: &[u8]) -> Result<Value, DecodeError> {
+        let json: serde_json::Value =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+        from_json(json, 0)
+    }
+
+    fn from_json(json: serde_json::Value, depth: usize) -> Result<Value, DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        Ok(match json {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                // u64 beyond i64 and all fractions become floats, as in JavaScript.
+                None => Value::from_f64(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            serde_json::Value::String(s) => Value::String(s),
+            serde_json::Value::Array(items) => Value::List(
+                items
+                    .into_iter()
+                    .map(|item| from_json(item, depth + 1))
+                    .collect::<Result<_, _>>()?,
+            ),
+            serde_json::Value::Object(fields) => Value::Map(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, from_json(v, depth + 1)?)))
+                    .collect::<Result<_, _>>()?,
+            ),
+        })
+    }
+
     fn from_hex(text: &str) -> Vec<u8> {
         let digits: Vec<u8> = text.bytes().filter(|b| b.is_ascii_hexdigit()).collect();
         digits
@@ -357,6 +761,8 @@ mod tests {
             .collect()
     }
 
+    /// The stored bytes by both paths, checked equal; the direct path must
+    /// be the one that produced them.
     fn store_postcard(json: &str, ts_ms: Option<i64>) -> Vec<u8> {
         let value = decode_input(InputFormat::Json, json.as_bytes()).unwrap();
         let mut out = Vec::new();
@@ -368,6 +774,12 @@ mod tests {
             &mut out,
         )
         .unwrap();
+        let mut direct = Vec::new();
+        assert!(
+            json_to_stored(json.as_bytes(), ts_ms, &mut direct),
+            "{json} left the direct path"
+        );
+        assert_eq!(hex(&direct), hex(&out), "{json}");
         out
     }
 
@@ -478,6 +890,181 @@ mod tests {
             encode_store(StoreFormat::Json, &bytes, b"\x01", None, &mut out),
             Err(DecodeError::BytesInJson)
         );
+    }
+
+    /// Edge cases and generated documents (fixed seed) for the JSON paths.
+    fn json_cases() -> Vec<String> {
+        let deep = |n: usize, inner: &str| "[".repeat(n) + inner + &"]".repeat(n);
+        let mut cases: Vec<String> = [
+            r#"{"device":"sensor-1","temp_c":21.3,"rssi":-67,"online":true,"alarms":[]}"#,
+            r#"{"a":1,"b":2,"a":3}"#,
+            r#"{"a":{"x":1},"a":null,"b":[1,{"c":2,"c":3}]}"#,
+            "18446744073709551615",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-0",
+            "-0.0",
+            "1.0",
+            "1e2",
+            "0.30000000000000004",
+            "1e300",
+            "1e400",
+            "-1e-400",
+            r#""esc\u00e9\n\"q\"""#,
+            r#""\ud800""#,
+            "  null  ",
+            "true false",
+            "[1,2,",
+            "{\"a\"}",
+            "",
+            "{}",
+            "[]",
+            "\u{feff}{}",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for n in [
+            MAX_DEPTH - 1,
+            MAX_DEPTH,
+            MAX_DEPTH + 1,
+            MAX_DEPTH + 2,
+            127,
+            128,
+            129,
+            200,
+        ] {
+            cases.push(deep(n, ""));
+            cases.push(deep(n, "1"));
+            cases.push(deep(n, "1") + ",");
+            cases.push(format!("[{},x]", deep(n, "")));
+        }
+        let big: Vec<String> = (0..40).map(|i| format!("\"k{}\":{i}", i % 23)).collect();
+        cases.push(format!("{{{}}}", big.join(",")));
+        // Generated documents: nested maps and lists of mixed scalars with
+        // repeated keys, from a fixed seed.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        fn gen(next: &mut dyn FnMut(u64) -> u64, depth: u32) -> String {
+            match if depth > 4 { next(6) } else { next(8) } {
+                0 => "null".into(),
+                1 => (next(2) == 0).to_string(),
+                2 => format!("{}", next(u64::MAX) as i64),
+                3 => format!("{}.{}", next(100000) as i64 - 50000, next(1000)),
+                4 => format!("{}e{}", next(1000), next(40) as i64 - 20),
+                5 => format!("\"s{}\"", next(100)),
+                6 => {
+                    let items: Vec<String> = (0..next(5)).map(|_| gen(next, depth + 1)).collect();
+                    format!("[{}]", items.join(","))
+                }
+                _ => {
+                    let fields: Vec<String> = (0..next(6))
+                        .map(|_| format!("\"f{}\":{}", next(4), gen(next, depth + 1)))
+                        .collect();
+                    format!("{{{}}}", fields.join(","))
+                }
+            }
+        }
+        let many: Vec<String> = (0..200).map(|i| format!("{i}.5")).collect();
+        cases.push(format!("[{}]", many.join(",")));
+        cases.push(format!(
+            "{{\"long\":\"{}\",\"x\":[[{}]]}}",
+            "é".repeat(100),
+            many.join(",")
+        ));
+        // Keys after a count that needed more than one byte (the bytes
+        // before them moved), with and without a duplicate.
+        cases.push(format!("{{\"a\":[{}],\"b\":1,\"a\":2}}", many.join(",")));
+        cases.push(format!("{{\"a\":[{}],\"b\":1,\"c\":2}}", many.join(",")));
+        let wide: Vec<String> = (0..17).map(|i| format!("\"k{i}\":{i}")).collect();
+        cases.push(format!("{{{}}}", wide.join(",")));
+        cases.push(format!("{{{}}}", wide[..16].join(",")));
+        for _ in 0..2000 {
+            cases.push(gen(&mut next, 0));
+        }
+        cases
+    }
+
+    /// The direct path writes these tags itself: they must be the variant
+    /// indexes serde gives `Value`.
+    #[test]
+    fn direct_path_tags_are_the_value_variant_indexes() {
+        let tags = [
+            (Value::Null, tag::NULL),
+            (Value::Bool(true), tag::BOOL),
+            (Value::Int(1), tag::INT),
+            (Value::Float(0.5), tag::FLOAT),
+            (Value::String(String::new()), tag::STRING),
+            (Value::List(vec![]), tag::LIST),
+            (Value::Map(vec![]), tag::MAP),
+            (
+                Value::Decimal {
+                    mantissa: 1,
+                    scale: 1,
+                },
+                tag::DECIMAL,
+            ),
+        ];
+        for (value, tag) in tags {
+            assert_eq!(postcard::to_allocvec(&value).unwrap()[0], tag, "{value:?}");
+        }
+    }
+
+    /// `decode_json` against the old two-step path, value and error alike.
+    #[test]
+    fn direct_json_decoding_matches_the_serde_json_value_path() {
+        for case in &json_cases() {
+            let direct = decode_json(case.as_bytes());
+            let reference = reference_decode(case.as_bytes());
+            // Compare the Debug text, not ==, so -0.0 and 0.0 are told apart.
+            assert_eq!(
+                format!("{direct:?}"),
+                format!("{reference:?}"),
+                "input {case}"
+            );
+        }
+    }
+
+    /// `transcode` (with its direct JSON -> postcard path) against decoding
+    /// and encoding in two steps: same bytes, same errors, every format.
+    #[test]
+    fn transcode_matches_decode_then_encode() {
+        let formats = [StoreFormat::Postcard, StoreFormat::Json, StoreFormat::Raw];
+        let mut payloads: Vec<Vec<u8>> = json_cases().into_iter().map(String::into_bytes).collect();
+        // Invalid UTF-8, inside and outside strings.
+        payloads.extend([
+            b"\"\xff\"".to_vec(),
+            b"[1,\"a\xc3\"]".to_vec(),
+            b"\xff".to_vec(),
+            b"{\"k\":1} \xff".to_vec(),
+        ]);
+        for (i, payload) in payloads.iter().enumerate() {
+            let case = String::from_utf8_lossy(payload);
+            let ts = [
+                None,
+                Some(0),
+                Some(-1),
+                Some(1_767_225_600_000),
+                Some(i64::MIN),
+            ][i % 5];
+            for store in formats {
+                let mut direct = vec![1, 2, 3];
+                let direct_result = transcode(InputFormat::Json, store, payload, ts, &mut direct);
+                let mut two_step = Vec::new();
+                let two_step_result = decode_input(InputFormat::Json, payload)
+                    .and_then(|v| encode_store(store, &v, payload, ts, &mut two_step));
+                assert_eq!(direct_result, two_step_result, "input {case} ({store})");
+                if two_step_result.is_ok() {
+                    assert_eq!(hex(&direct), hex(&two_step), "input {case} ({store})");
+                }
+            }
+        }
     }
 
     #[test]

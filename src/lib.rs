@@ -17,6 +17,8 @@
 //! - [`notify`]: systemd readiness, watchdog and status (sd_notify).
 //! - [`cli`]: the commands behind the binary.
 
+// One exception, allowed where it is: `source::Source::fetched_watermarks`,
+// a read-only librdkafka call that rust-rdkafka does not wrap.
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 

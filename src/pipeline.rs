@@ -521,15 +521,13 @@ impl Pipeline<'_> {
                 )
             }
             Some(payload) => {
-                let encoded = codec::decode_input(topic.input, payload).and_then(|value| {
-                    codec::encode_store(
-                        topic.store,
-                        &value,
-                        payload,
-                        incoming.timestamp_ms(),
-                        &mut self.encoded,
-                    )
-                });
+                let encoded = codec::transcode(
+                    topic.input,
+                    topic.store,
+                    payload,
+                    incoming.timestamp_ms(),
+                    &mut self.encoded,
+                );
                 if let Err(e) = encoded {
                     let why = e.to_string();
                     return self.skip(partition, offset, SkipReason::Undecodable, &why);
@@ -652,6 +650,11 @@ impl Pipeline<'_> {
                     if self.state == State::RedisUnreachable {
                         info!("Redis reachable again");
                         self.state = self.reachable_state();
+                    }
+                    if !self.caught_up && !source.brokers_down() && self.applied_all_fetched(source)
+                    {
+                        self.go_live();
+                        self.write_state().await;
                     }
                     return Flow::Continue;
                 }
@@ -1127,6 +1130,30 @@ impl Pipeline<'_> {
             }
             return;
         }
+        self.go_live();
+    }
+
+    /// Caught up without waiting for the tick and the once-a-second
+    /// statistics: right after an apply, every partition's next offset in
+    /// Redis reached the high watermark of the last fetch response for it
+    /// (librdkafka's cached value, no request). Those records were fetched
+    /// with or before that response, so this is the tick's rule on fresher
+    /// numbers. A partition that never delivered a record counts when it is
+    /// empty (low = high). Trailing transaction markers or an open
+    /// transaction keep next below the high mark: the tick's check, which
+    /// knows librdkafka's position and the last stable offset, covers those.
+    fn applied_all_fetched(&self, source: &Source) -> bool {
+        !self.positions.is_empty()
+            && self.positions.iter().all(|(&partition, start)| {
+                match (source.fetched_watermarks(partition), start) {
+                    (Some((_, high)), Start::At(next)) => *next >= high,
+                    (Some((low, high)), Start::Earliest) => low >= high,
+                    (None, _) => false,
+                }
+            })
+    }
+
+    fn go_live(&mut self) {
         if self.resync.is_some() {
             // Live only after the sweep (`finish_resync`).
             return;
@@ -1138,6 +1165,7 @@ impl Pipeline<'_> {
             "caught up; live"
         );
         self.caught_up = true;
+        self.lag = Some(0);
         self.state = State::Live;
         self.notify.ready("live: caught up");
     }

@@ -397,14 +397,13 @@ impl Sink {
     }
 
     /// Applies a batch atomically with its offsets and counters (G2, G4).
+    ///
+    /// The EVALSHA command is built directly: redis-rs's `ScriptInvocation`
+    /// keeps every key and argument in a `Vec` of its own and copies them
+    /// all again into the command, two allocations and two copies per
+    /// record that showed up in the rehydrate profile (BENCHMARKS.md).
     pub async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let mut connection = self.connection().await?;
-        let mut invocation = self.apply.prepare_invoke();
-        invocation
-            .key(&self.keys.marker)
-            .key(&self.keys.offsets)
-            .key(&self.keys.status)
-            .key(&self.keys.seen);
         let counts = batch.counts();
         let counters: Vec<(&str, u64)> =
             [("records", counts.records), ("filtered", counts.filtered)]
@@ -416,43 +415,69 @@ impl Sink {
                 )
                 .filter(|(_, n)| *n > 0)
                 .collect();
-        invocation
+        let n_keys = 4 + batch.n_ops();
+        let n_args = 5 + 2 * (batch.next_offsets().len() + counters.len() + batch.n_ops());
+        // Every key and value plus a few bytes per op and the meta arguments.
+        let n_bytes = batch.n_bytes() + 24 * batch.n_ops() + 512;
+        let mut command = redis::Cmd::with_capacity(3 + n_keys + n_args, n_bytes);
+        command
+            .arg("EVALSHA")
+            .arg(self.apply.get_hash())
+            .arg(n_keys)
+            .arg(&self.keys.marker)
+            .arg(&self.keys.offsets)
+            .arg(&self.keys.status)
+            .arg(&self.keys.seen);
+        for (key, _) in batch.ops() {
+            command.arg(key.as_slice());
+        }
+        command
             .arg(&self.token)
             .arg(batch.next_offsets().len())
             .arg(counters.len())
             .arg(now_ms())
             .arg(self.publish_channel.as_deref().unwrap_or(""));
         for (&(topic_idx, partition), next) in batch.next_offsets() {
-            invocation
+            command
                 .arg(offset_field(&self.topic_names[topic_idx], partition))
                 .arg(next);
         }
         for (name, delta) in counters {
-            invocation.arg(name).arg(delta);
+            command.arg(name).arg(delta);
         }
         for (key, op) in batch.ops() {
-            invocation.key(key.as_slice());
             let tracked = !self.tracked.is_empty()
                 && self.tracked.iter().any(|prefix| key.starts_with(prefix));
             match (op, tracked) {
-                (Op::Set(value), false) => invocation.arg("s").arg(value.as_slice()),
-                (Op::Set(value), true) => invocation.arg("S").arg(value.as_slice()),
+                (Op::Set(value), false) => command.arg("s").arg(value.as_slice()),
+                (Op::Set(value), true) => command.arg("S").arg(value.as_slice()),
                 (Op::SetUntil(value, at_ms), false) => {
-                    invocation.arg(format!("x{at_ms}")).arg(value.as_slice())
+                    command.arg(format!("x{at_ms}")).arg(value.as_slice())
                 }
                 (Op::SetUntil(value, at_ms), true) => {
-                    invocation.arg(format!("X{at_ms}")).arg(value.as_slice())
+                    command.arg(format!("X{at_ms}")).arg(value.as_slice())
                 }
-                (Op::Delete, false) => invocation.arg("d").arg(""),
-                (Op::Delete, true) => invocation.arg("D").arg(""),
-                (Op::Seen, _) => invocation.arg("n").arg(""),
-                (Op::Unseen, _) => invocation.arg("u").arg(""),
+                (Op::Delete, false) => command.arg("d").arg(""),
+                (Op::Delete, true) => command.arg("D").arg(""),
+                (Op::Seen, _) => command.arg("n").arg(""),
+                (Op::Unseen, _) => command.arg("u").arg(""),
             };
         }
-        let result: Result<i64, SinkError> = invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(SinkError::from);
+        let mut result = command.query_async::<i64>(&mut connection).await;
+        // A Redis that restarted or ran SCRIPT FLUSH no longer has the
+        // script cached: load it and send the same command again.
+        if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
+            let loaded = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(APPLY_SCRIPT)
+                .query_async::<String>(&mut connection)
+                .await;
+            result = match loaded {
+                Ok(_) => command.query_async::<i64>(&mut connection).await,
+                Err(e) => Err(e),
+            };
+        }
+        let result = result.map_err(SinkError::from);
         if matches!(result, Err(SinkError::Unreachable(_))) {
             self.connection = None;
         }

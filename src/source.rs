@@ -16,6 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -258,6 +259,9 @@ pub struct Source {
     /// fires while the pipeline is busy writing to Redis is not lost.
     wake: Arc<Notify>,
     topic_names: Arc<Vec<String>>,
+    /// The same names for librdkafka's C API (`None`: not a C string, which
+    /// no valid topic name is).
+    topic_c_names: Vec<Option<CString>>,
 }
 
 impl std::fmt::Debug for Source {
@@ -288,6 +292,10 @@ impl Source {
             consumer: Arc::new(consumer),
             properties: Arc::new(properties.clone()),
             wake,
+            topic_c_names: topic_names
+                .iter()
+                .map(|name| CString::new(name.as_str()).ok())
+                .collect(),
             topic_names: Arc::new(topic_names),
         })
     }
@@ -539,6 +547,34 @@ impl Source {
                 Some(((topic_idx, partition), *mark))
             })
             .collect()
+    }
+
+    /// (low, high) watermarks from the last fetch response librdkafka got
+    /// for this partition: fresher than the once-a-second statistics and,
+    /// like them, no broker request (librdkafka's cached values, read under
+    /// its partition lock). `None` before the first response. The high mark
+    /// is the log end, not the last stable offset.
+    pub fn fetched_watermarks(&self, (topic_idx, partition): PartitionId) -> Option<(i64, i64)> {
+        let topic = self.topic_c_names.get(topic_idx)?.as_ref()?;
+        let (mut low, mut high) = (-1_i64, -1_i64);
+        // rust-rdkafka only wraps the variant of this call that asks the
+        // broker (fetch_watermarks), which is what must be avoided here.
+        // SAFETY: the client pointer is valid while `self.consumer` lives,
+        // `topic` is a NUL-terminated string that outlives the call, and
+        // librdkafka only writes the two i64 out-parameters; the function is
+        // thread safe (it takes the partition's lock).
+        #[allow(unsafe_code)]
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        let ok = err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+        (ok && low >= 0 && high >= 0).then_some((low, high))
     }
 
     /// Forgets watermarks, e.g. after a reassignment, so stale statistics

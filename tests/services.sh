@@ -64,6 +64,8 @@ deps() {
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   done
+  # The font the benchmark's PNG plots are labelled with (benches/edgecache/plots.rs).
+  [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || missing+=(fonts-dejavu-core)
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get update -qq
