@@ -1548,7 +1548,7 @@ fn memory_budget_mib() -> String {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| k.trim() == "memory_budget_mib")
         .map(|(_, v)| format!("{} MiB", v.trim()))
-        .unwrap_or_else(|| "32 MiB (default)".into())
+        .unwrap_or_else(|| "24 MiB (default)".into())
 }
 
 /// The same budget in MiB, for the RSS plot.

@@ -55,7 +55,8 @@ pub struct MetricsConfig {
 pub struct AgentConfig {
     /// Memory the agent may use for buffering, in MiB (4..=4096). librdkafka's
     /// prefetch queue gets 1/4, one fetch response 1/8, a batch 1/8, and the
-    /// value-size cap is 1/32 (at most 16 MiB).
+    /// value-size cap is 1/32 (at least 1 MiB, Kafka's default largest
+    /// record, and at most 16 MiB).
     pub memory_budget_mib: u32,
     /// Most records per Redis transaction (1..=4096). Smaller batches keep
     /// Redis responsive to readers while a large backlog is applied.
@@ -72,7 +73,7 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
-            memory_budget_mib: 32,
+            memory_budget_mib: 24,
             max_batch_records: 128,
             partition_discovery_secs: 30,
             ready_timeout_secs: 60,
@@ -261,7 +262,10 @@ impl Limits {
             memory_budget_bytes: budget,
             max_batch_records: max_batch_records.min(BATCH_CAPACITY),
             max_batch_bytes: budget / 8,
-            max_value_bytes: (budget / 32).min(16 * 1024 * 1024),
+            // At least 1 MiB: every record a topic with Kafka's default
+            // max.message.bytes accepts is mirrored, even on a small budget
+            // (one such value fits an empty batch whatever its byte cap).
+            max_value_bytes: (budget / 32).clamp(1024 * 1024, 16 * 1024 * 1024),
             queued_max_messages_kbytes: budget / 4 / 1024,
             fetch_max_bytes,
             max_partition_fetch_bytes: (fetch_max_bytes / 4).min(1024 * 1024),
@@ -694,17 +698,20 @@ key_prefix = "device:"
         assert_eq!(settings.topics[0].input, InputFormat::Json);
         assert_eq!(settings.topics[0].store, StoreFormat::Postcard);
         let limits = settings.limits;
-        assert_eq!(limits.memory_budget_bytes, 32 << 20);
-        assert_eq!(limits.queued_max_messages_kbytes, 8 << 10);
+        assert_eq!(limits.memory_budget_bytes, 24 << 20);
+        assert_eq!(limits.queued_max_messages_kbytes, 6 << 10);
         assert_eq!(limits.max_value_bytes, 1 << 20);
         assert_eq!(
             settings.kafka_properties["queued.max.messages.kbytes"],
-            "8192"
+            "6144"
         );
         assert_eq!(
             settings.kafka_properties["receive.message.max.bytes"],
-            ((4 << 20) + 512).to_string()
+            ((3 << 20) + 512).to_string()
         );
+        assert_eq!(Limits::from_budget(4, 128).max_value_bytes, 1 << 20);
+        assert_eq!(Limits::from_budget(256, 128).max_value_bytes, 8 << 20);
+        assert_eq!(Limits::from_budget(4096, 128).max_value_bytes, 16 << 20);
     }
 
     #[test]
