@@ -14,6 +14,9 @@
 //! - [`backoff`]: retry delays.
 //! - [`notify`]: systemd readiness, watchdog and status (sd_notify).
 //! - [`cli`]: the commands behind the binary.
+//!
+//! `source`, `sink`, `pipeline` and `cli` need the `agent` feature (on by
+//! default); without it only the pure modules are built (fuzz/ uses that).
 
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
@@ -21,10 +24,14 @@
 pub mod backoff;
 pub mod batch;
 pub mod checkpoint;
+#[cfg(feature = "agent")]
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod notify;
+#[cfg(feature = "agent")]
 pub mod pipeline;
+#[cfg(feature = "agent")]
 pub mod sink;
+#[cfg(feature = "agent")]
 pub mod source;
