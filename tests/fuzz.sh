@@ -20,8 +20,12 @@ if [[ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" 
   cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
 fi
 
-echo "== cargo fuzz build (address sanitizer)"
-cargo fuzz build -O
+echo "== fuzz/: cargo fmt --check"
+cargo fmt -- --check
+# Not -O: release code with debug assertions and overflow checks, so an
+# arithmetic overflow on outside bytes is a finding too.
+echo "== cargo fuzz build (address sanitizer, overflow checks)"
+cargo fuzz build
 
 for target in $(cargo fuzz list); do
   mkdir -p "corpus/$target"
@@ -30,7 +34,7 @@ for target in $(cargo fuzz list); do
   echo "== fuzz $target for ${SECONDS_PER_TARGET}s"
   # -max_len: values up to 64 KiB, enough to nest far past MAX_DEPTH.
   # The last lines carry the run count, coverage and corpus size.
-  cargo fuzz run -O "$target" "corpus/$target" "${seeds[@]}" -- \
+  cargo fuzz run "$target" "corpus/$target" "${seeds[@]}" -- \
     -max_total_time="$SECONDS_PER_TARGET" -max_len=65536 -print_final_stats=1 \
     2>"corpus/$target.log" || {
       tail -n 60 "corpus/$target.log"

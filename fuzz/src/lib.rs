@@ -18,7 +18,9 @@ pub fn check_input(input: InputFormat, payload: &[u8]) {
     };
     // The original JSON, to compare the JSON the agent stores with.
     let original_json: Option<serde_json::Value> = match input {
-        InputFormat::Json => Some(serde_json::from_slice(payload).expect("decode_input accepted it")),
+        InputFormat::Json => {
+            Some(serde_json::from_slice(payload).expect("decode_input accepted it"))
+        }
         _ => None,
     };
     let ts_ms = Some(i64::from_le_bytes(pad8(payload)));
@@ -28,7 +30,10 @@ pub fn check_input(input: InputFormat, payload: &[u8]) {
             // The JSON store refuses only what has no JSON form; anything
             // else decoded must be storable.
             assert_eq!(store, StoreFormat::Json, "{store} refused {value:?}: {e}");
-            assert!(has_no_json_form(&value), "JSON store refused {value:?}: {e}");
+            assert!(
+                has_no_json_form(&value),
+                "JSON store refused {value:?}: {e}"
+            );
             assert!(
                 matches!(e, DecodeError::BytesInJson | DecodeError::Json(_)),
                 "{e:?}"
@@ -176,8 +181,7 @@ pub fn json_equivalent(a: &serde_json::Value, b: &serde_json::Value) -> bool {
         }
         (J::Object(x), J::Object(y)) => {
             x.len() == y.len()
-                && x
-                    .iter()
+                && x.iter()
                     .all(|(k, v)| y.get(k).is_some_and(|w| json_equivalent(v, w)))
         }
         _ => a == b,
