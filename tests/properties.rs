@@ -13,6 +13,16 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 
+/// 512 cases per property (a few seconds in all); PROPTEST_CASES=N for a
+/// longer run (RELIABILITY.md).
+fn config() -> ProptestConfig {
+    let mut config = ProptestConfig::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = 512;
+    }
+    config
+}
+
 // ---------------------------------------------------------------- codec
 
 /// Any `Value`, including every f64 bit pattern (NaNs, -0.0, subnormals)
@@ -126,7 +136,7 @@ fn numbers_well_formed(value: &Value) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(config())]
 
     /// Stored postcard (`EC 01` + record) and the bare postcard input format
     /// give back any value and timestamp unchanged.
@@ -383,7 +393,7 @@ fn flush(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(config())]
 
     /// The batch against a plain map, driven the way the pipeline drives it
     /// (flush when `is_full_for`, flush at the end): per batch the same ops,
