@@ -260,34 +260,4 @@ mod tests {
         batch.put((0, 0), 2, b"k1".to_vec(), set("v"));
         assert_eq!(batch.n_bytes(), 6);
     }
-
-    /// The coalescer against a naive model: replaying every record in order
-    /// into a plain map must give the same final state.
-    #[test]
-    fn matches_naive_replay() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _round in 0..200 {
-            let mut batch = Batch::new(BATCH_CAPACITY, usize::MAX);
-            let mut model: BTreeMap<Vec<u8>, Op> = BTreeMap::new();
-            for offset in 0..(next() % 64) as i64 {
-                let key = format!("k{}", next() % 8).into_bytes();
-                let op = if next() % 4 == 0 {
-                    Op::Delete
-                } else {
-                    Op::Set(offset.to_string().into_bytes())
-                };
-                model.insert(key.clone(), op.clone());
-                batch.put((0, 0), offset, key, op);
-            }
-            let got: BTreeMap<Vec<u8>, Op> =
-                batch.ops().map(|(k, o)| (k.clone(), o.clone())).collect();
-            assert_eq!(got, model);
-        }
-    }
 }

@@ -61,12 +61,11 @@ impl Value {
                 if scaled.abs() >= 9.0e15 {
                     break;
                 }
-                let mantissa = scaled.round();
-                if mantissa / power == f {
-                    return Value::Decimal {
-                        mantissa: mantissa as i64,
-                        scale,
-                    };
+                let mantissa = scaled.round() as i64;
+                // Compared as a reader decodes it and bit for bit: -0.0
+                // equals 0.0 but has no integer mantissa, so it stays a Float.
+                if decimal_to_f64(mantissa, scale).to_bits() == f.to_bits() {
+                    return Value::Decimal { mantissa, scale };
                 }
                 power *= 10.0;
             }
@@ -153,6 +152,9 @@ pub fn decode_input(format: InputFormat, payload: &[u8]) -> Result<Value, Decode
     match format {
         InputFormat::Json => decode_json(payload),
         InputFormat::Postcard => {
+            if postcard_too_deep(payload, false) {
+                return Err(DecodeError::TooDeep);
+            }
             let value: Value =
                 postcard::from_bytes(payload).map_err(|e| DecodeError::Postcard(e.to_string()))?;
             check_depth(&value, 0)?;
@@ -453,6 +455,9 @@ impl<'de> Visitor<'de> for KeyWriter<'_> {
 pub fn decode_stored(bytes: &[u8]) -> Result<StoredRecord, DecodeError> {
     match bytes {
         [MAGIC, FORMAT_VERSION, rest @ ..] => {
+            if postcard_too_deep(rest, true) {
+                return Err(DecodeError::TooDeep);
+            }
             let record: StoredRecord =
                 postcard::from_bytes(rest).map_err(|e| DecodeError::Postcard(e.to_string()))?;
             check_depth(&record.value, 0)?;
@@ -648,6 +653,79 @@ fn check_depth(value: &Value, depth: usize) -> Result<(), DecodeError> {
             .try_for_each(|(_, v)| check_depth(v, depth + 1)),
         _ => Ok(()),
     }
+}
+
+/// True when postcard bytes nest lists/maps deeper than [`MAX_DEPTH`]
+/// (the same rule as [`check_depth`]). postcard decodes a [`Value`] by
+/// recursing once per level before `check_depth` could look, so a record of
+/// a million nested lists would overflow the stack and abort the agent; this
+/// walk is iterative and runs first. It follows FORMAT.md's layout (after the
+/// `ts_ms` option when `with_timestamp`) only to find the nesting: where it
+/// cannot follow the bytes, postcard rejects them anyway, so it says false.
+fn postcard_too_deep(bytes: &[u8], with_timestamp: bool) -> bool {
+    fn varint(bytes: &mut &[u8]) -> Option<u64> {
+        let mut n = 0u64;
+        for shift in (0..70).step_by(7) {
+            let (&byte, rest) = bytes.split_first()?;
+            *bytes = rest;
+            n |= u64::from(byte & 0x7f).checked_shl(shift).unwrap_or(0);
+            if byte & 0x80 == 0 {
+                return Some(n);
+            }
+        }
+        None
+    }
+    fn skip(bytes: &mut &[u8], n: u64) -> Option<()> {
+        let n = usize::try_from(n).ok().filter(|n| *n <= bytes.len())?;
+        *bytes = &bytes[n..];
+        Some(())
+    }
+    fn walk(mut bytes: &[u8], with_timestamp: bool) -> Option<bool> {
+        if with_timestamp && varint(&mut bytes)? == 1 {
+            varint(&mut bytes)?;
+        }
+        // Per open level: values still to read, and whether each is a map
+        // entry (a String key first). The bottom entry is the top value.
+        let mut levels: Vec<(u64, bool)> = vec![(1, false)];
+        while let Some(level) = levels.last_mut() {
+            if level.0 == 0 {
+                levels.pop();
+                continue;
+            }
+            level.0 -= 1;
+            if level.1 {
+                let key_len = varint(&mut bytes)?;
+                skip(&mut bytes, key_len)?;
+            }
+            // The value about to be read sits at depth levels.len() - 1.
+            if levels.len() - 1 > MAX_DEPTH {
+                return Some(true);
+            }
+            match varint(&mut bytes)? {
+                0 => {}
+                1 => skip(&mut bytes, 1)?,
+                2 => {
+                    varint(&mut bytes)?;
+                }
+                3 => skip(&mut bytes, 8)?,
+                4 | 5 => {
+                    let len = varint(&mut bytes)?;
+                    skip(&mut bytes, len)?;
+                }
+                tag @ (6 | 7) => {
+                    let count = varint(&mut bytes)?;
+                    levels.push((count, tag == 7));
+                }
+                8 => {
+                    varint(&mut bytes)?;
+                    skip(&mut bytes, 1)?;
+                }
+                _ => return None,
+            }
+        }
+        Some(false)
+    }
+    walk(bytes, with_timestamp).unwrap_or(false)
 }
 
 /// Strict conversion for the JSON store format: bytes and non-finite floats
@@ -1031,6 +1109,30 @@ mod tests {
         }
     }
 
+    /// postcard decodes recursively, so nesting must be refused before it
+    /// runs: a stack overflow aborts the agent, it is not an error. Found by
+    /// fuzz/postcard_input with inputs over 4 KiB.
+    #[test]
+    fn deep_postcard_nesting_is_an_error_not_a_stack_overflow() {
+        // 2 MB each: `06 01` is a one-element List, `07 01 01 6b` a
+        // one-entry Map with key "k".
+        for level in [&[6u8, 1][..], &[7, 1, 1, b'k']] {
+            let mut bare = level.repeat(1_000_000 / level.len() * 2);
+            bare.push(0);
+            assert_eq!(
+                decode_input(InputFormat::Postcard, &bare),
+                Err(DecodeError::TooDeep)
+            );
+            let mut stored = vec![MAGIC, FORMAT_VERSION, 0];
+            stored.extend_from_slice(&bare);
+            assert_eq!(decode_stored(&stored), Err(DecodeError::TooDeep));
+            assert_eq!(
+                stored_to_json(StoreFormat::Postcard, &stored).map(|_| ()),
+                Err(DecodeError::TooDeep)
+            );
+        }
+    }
+
     /// `transcode` (with its direct JSON -> postcard path) against decoding
     /// and encoding in two steps: same bytes, same errors, every format.
     #[test]
@@ -1065,6 +1167,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Inputs the fuzzers (fuzz/) found changing on the way through.
+    #[test]
+    fn fuzz_regressions_numbers_keep_their_bits() {
+        for text in ["-0", "-0.0", "7.2911220195562235e-304", "[-0.0,1e-320]"] {
+            let expected: serde_json::Value = serde_json::from_str(text).unwrap();
+            let value = decode_input(InputFormat::Json, text.as_bytes()).unwrap();
+            let mut out = Vec::new();
+            for store in [StoreFormat::Postcard, StoreFormat::Json] {
+                encode_store(store, &value, text.as_bytes(), None, &mut out).unwrap();
+                let (shown, _) = stored_to_json(store, &out).unwrap();
+                // Display strings differ between -0.0 and 0.0; == does not.
+                assert_eq!(
+                    shown.to_string(),
+                    expected.to_string(),
+                    "{text} via {store}"
+                );
+            }
+        }
+        // serde_json without float_roundtrip parsed this 1 ULP off.
+        let text = "7.2911220195562235e-304";
+        let value = decode_input(InputFormat::Json, text.as_bytes()).unwrap();
+        assert_eq!(value, Value::Float(text.parse().unwrap()));
     }
 
     #[test]

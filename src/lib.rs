@@ -16,6 +16,9 @@
 //! - [`backoff`]: retry delays.
 //! - [`notify`]: systemd readiness, watchdog and status (sd_notify).
 //! - [`cli`]: the commands behind the binary.
+//!
+//! `source`, `sink`, `pipeline`, `metrics` and `cli` need the `agent` feature (on by
+//! default); without it only the pure modules are built (fuzz/ uses that).
 
 // One exception, allowed where it is: `source::Source::fetched_watermarks`,
 // a read-only librdkafka call that rust-rdkafka does not wrap.
@@ -25,12 +28,17 @@
 pub mod backoff;
 pub mod batch;
 pub mod checkpoint;
+#[cfg(feature = "agent")]
 pub mod cli;
 pub mod codec;
 pub mod config;
+#[cfg(feature = "agent")]
 pub mod metrics;
 pub mod notify;
+#[cfg(feature = "agent")]
 pub mod pipeline;
 pub mod resync;
+#[cfg(feature = "agent")]
 pub mod sink;
+#[cfg(feature = "agent")]
 pub mod source;

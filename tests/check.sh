@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The full test suite: formatting, lints (warnings are errors), unit tests,
-# and the end-to-end tests against a real Kafka broker and real redis-servers.
+# The full test suite: formatting, lints (warnings are errors), a fuzz smoke
+# (tests/fuzz.sh), unit and property tests, and the end-to-end tests against
+# a real Kafka broker and real redis-servers.
 # Installs and starts what they need (the plain broker and the secure one);
 # stops again the brokers it started.
 set -euo pipefail
@@ -32,7 +33,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
-echo "== cargo test (unit + end-to-end against real Kafka and Redis)"
+echo "== fuzz smoke (every decoder of outside bytes, 20 s per target)"
+bash tests/fuzz.sh 20
+echo "== cargo test (unit, properties, end-to-end against real Kafka and Redis)"
 # Doc tests are left out: the crate has none, and their empty summary
 # would be the run's last line.
 cargo test --locked --lib --bins --tests -- --test-threads 2

@@ -1,0 +1,189 @@
+//! What the fuzz targets check, shared by them. Each target feeds outside
+//! bytes through the same public functions the agent uses; besides "no
+//! panic, no crash" (a stack overflow or an abort is a crash too), these
+//! oracles check that what the pipeline writes can always be read back by
+//! `edgecache get`, unchanged.
+
+use edgecache::checkpoint::StoredOffsets;
+use edgecache::codec::{self, DecodeError, InputFormat, StoreFormat, Value};
+
+const STORES: [StoreFormat; 3] = [StoreFormat::Postcard, StoreFormat::Json, StoreFormat::Raw];
+
+/// One record value through the pipeline's path: decode as `input`, encode
+/// for every store format, then decode what was stored as `get` does.
+pub fn check_input(input: InputFormat, payload: &[u8]) {
+    let value = match codec::decode_input(input, payload) {
+        Ok(value) => value,
+        Err(_) => return,
+    };
+    // The original JSON, to compare the JSON the agent stores with.
+    let original_json: Option<serde_json::Value> = match input {
+        InputFormat::Json => {
+            Some(serde_json::from_slice(payload).expect("decode_input accepted it"))
+        }
+        _ => None,
+    };
+    let ts_ms = Some(i64::from_le_bytes(pad8(payload)));
+    let mut stored = Vec::new();
+    for store in STORES {
+        if let Err(e) = codec::encode_store(store, &value, payload, ts_ms, &mut stored) {
+            // The JSON store refuses only what has no JSON form; anything
+            // else decoded must be storable.
+            assert_eq!(store, StoreFormat::Json, "{store} refused {value:?}: {e}");
+            assert!(
+                has_no_json_form(&value),
+                "JSON store refused {value:?}: {e}"
+            );
+            assert!(
+                matches!(e, DecodeError::BytesInJson | DecodeError::Json(_)),
+                "{e:?}"
+            );
+            continue;
+        }
+        let (shown, shown_ts) = codec::stored_to_json(store, &stored)
+            .unwrap_or_else(|e| panic!("get cannot read what {store} stored: {e}"));
+        // `get` prints it; that must not fail either.
+        serde_json::to_vec(&shown).expect("printing JSON");
+        match store {
+            StoreFormat::Postcard => {
+                let record = codec::decode_stored(&stored).expect("decode what was stored");
+                assert_eq!(record.ts_ms, ts_ms);
+                assert_eq!(shown_ts, ts_ms);
+                assert_same(&record.value, &value);
+            }
+            StoreFormat::Json => {
+                let parsed: serde_json::Value =
+                    serde_json::from_slice(&stored).expect("the JSON store writes JSON");
+                assert!(
+                    json_equivalent(&parsed, &codec::to_json_lossy(&value)),
+                    "{parsed} vs {value:?}"
+                );
+            }
+            StoreFormat::Raw => assert_eq!(stored, payload),
+        }
+        if let Some(original) = &original_json {
+            // JSON in, JSON out: the same document, numbers included (to
+            // the bit, -0.0 too), whichever store format kept it.
+            assert!(
+                json_equivalent(&shown, original),
+                "{store}: {shown} vs {original}"
+            );
+        }
+    }
+    if input == InputFormat::Postcard {
+        // The bare value re-encodes to bytes that decode to the same value.
+        let again = postcard::to_allocvec(&value).expect("encode");
+        let back = codec::decode_input(InputFormat::Postcard, &again).expect("decode re-encoded");
+        assert_same(&back, &value);
+    }
+}
+
+/// Bytes as read from Redis by `edgecache get`, under every store format,
+/// and the same bytes behind a valid postcard header so the fuzzer does not
+/// have to find the header first.
+pub fn check_stored(bytes: &[u8]) {
+    for store in STORES {
+        if let Ok((json, _)) = codec::stored_to_json(store, bytes) {
+            serde_json::to_vec(&json).expect("printing JSON");
+        }
+    }
+    let mut with_header = vec![codec::MAGIC, codec::FORMAT_VERSION];
+    with_header.extend_from_slice(bytes);
+    if let Ok(record) = codec::decode_stored(&with_header) {
+        // What decodes re-encodes to the same bytes (postcard has one
+        // encoding per value, bar overlong varints, so compare values).
+        let mut again = Vec::new();
+        codec::encode_store(
+            StoreFormat::Postcard,
+            &record.value,
+            &[],
+            record.ts_ms,
+            &mut again,
+        )
+        .expect("re-encode a decoded record");
+        let back = codec::decode_stored(&again).expect("decode re-encoded");
+        assert_eq!(back.ts_ms, record.ts_ms);
+        assert_same(&back.value, &record.value);
+        let (json, _) = codec::stored_to_json(StoreFormat::Postcard, &with_header)
+            .expect("decode_stored accepted it");
+        serde_json::to_vec(&json).expect("printing JSON");
+    }
+}
+
+/// `HGETALL <ns>:offsets` as Redis could return it: the first line is the
+/// configured topic names (comma separated), each further line a
+/// `field<TAB>value` pair.
+pub fn check_offsets(bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines = text.lines();
+    let topics: Vec<String> = lines
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let fields: Vec<(String, String)> = lines
+        .map(|line| match line.split_once('\t') {
+            Some((field, value)) => (field.to_owned(), value.to_owned()),
+            None => (line.to_owned(), String::new()),
+        })
+        .collect();
+    let n_fields = fields.len();
+    let stored = StoredOffsets::parse(&topics, fields);
+    assert!(stored.next.len() + stored.ignored.len() <= n_fields);
+    for (&(topic_idx, partition), &next) in &stored.next {
+        assert!(topic_idx < topics.len());
+        assert!(partition >= 0 && next >= 0, "{partition} {next}");
+    }
+}
+
+fn pad8(bytes: &[u8]) -> [u8; 8] {
+    let mut out = [0; 8];
+    let n = bytes.len().min(8);
+    out[..n].copy_from_slice(&bytes[..n]);
+    out
+}
+
+/// Values compared by their encoding, so a NaN equals itself.
+fn assert_same(a: &Value, b: &Value) {
+    assert_eq!(
+        postcard::to_allocvec(a).unwrap(),
+        postcard::to_allocvec(b).unwrap(),
+        "{a:?} vs {b:?}"
+    );
+}
+
+fn has_no_json_form(value: &Value) -> bool {
+    match value {
+        Value::Bytes(_) => true,
+        Value::Float(f) => !f.is_finite(),
+        Value::List(items) => items.iter().any(has_no_json_form),
+        Value::Map(fields) => fields.iter().any(|(_, v)| has_no_json_form(v)),
+        _ => false,
+    }
+}
+
+/// Equal JSON documents, numbers compared as the f64 they denote (bit for
+/// bit, so -0.0 and 0.0 differ) and integers exactly. Integers outside i64
+/// are floats in edgecache, as in JavaScript. Object keys in any order.
+pub fn json_equivalent(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value as J;
+    match (a, b) {
+        (J::Number(x), J::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => {
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                x.to_bits() == y.to_bits()
+            }
+        },
+        (J::Array(x), J::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_equivalent(x, y))
+        }
+        (J::Object(x), J::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_equivalent(v, w)))
+        }
+        _ => a == b,
+    }
+}
