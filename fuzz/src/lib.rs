@@ -12,6 +12,19 @@ const STORES: [StoreFormat; 3] = [StoreFormat::Postcard, StoreFormat::Json, Stor
 /// One record value through the pipeline's path: decode as `input`, encode
 /// for every store format, then decode what was stored as `get` does.
 pub fn check_input(input: InputFormat, payload: &[u8]) {
+    let ts_ms = Some(i64::from_le_bytes(pad8(payload)));
+    // What the pipeline calls, `transcode` (a direct JSON -> postcard path),
+    // must give the same bytes and errors as the two steps checked below.
+    for store in STORES {
+        let (mut direct, mut two_step) = (Vec::new(), Vec::new());
+        let one_step = codec::transcode(input, store, payload, ts_ms, &mut direct);
+        let two_steps = codec::decode_input(input, payload)
+            .and_then(|value| codec::encode_store(store, &value, payload, ts_ms, &mut two_step));
+        assert_eq!(one_step, two_steps, "transcode vs two steps ({store})");
+        if two_steps.is_ok() {
+            assert_eq!(direct, two_step, "transcode vs two steps ({store})");
+        }
+    }
     let value = match codec::decode_input(input, payload) {
         Ok(value) => value,
         Err(_) => return,
@@ -23,7 +36,6 @@ pub fn check_input(input: InputFormat, payload: &[u8]) {
         }
         _ => None,
     };
-    let ts_ms = Some(i64::from_le_bytes(pad8(payload)));
     let mut stored = Vec::new();
     for store in STORES {
         if let Err(e) = codec::encode_store(store, &value, payload, ts_ms, &mut stored) {
