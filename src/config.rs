@@ -573,11 +573,19 @@ impl Settings {
                 limits.max_partition_fetch_bytes.to_string(),
             ),
             // librdkafka requires fetch.max.bytes >= message.max.bytes and
-            // receive.message.max.bytes >= fetch.max.bytes + 512.
+            // receive.message.max.bytes >= fetch.max.bytes + 512. A broker
+            // sends a record batch larger than fetch.max.bytes whole (it
+            // must, to make progress), so responses must also fit one record
+            // of the value cap, or a partition holding one would stall
+            // instead of skipping it; 64 KiB covers the protocol framing.
             ("message.max.bytes", limits.fetch_max_bytes.to_string()),
             (
                 "receive.message.max.bytes",
-                (limits.fetch_max_bytes + 512).to_string(),
+                (limits
+                    .fetch_max_bytes
+                    .max(limits.max_value_bytes + 64 * 1024)
+                    + 512)
+                    .to_string(),
             ),
         ];
         for (key, value) in derived {

@@ -211,11 +211,21 @@ fn e_bad_records_are_skipped_and_counted() {
     let topic = unique("e-bad");
     // Not compacted: a compacted topic's broker refuses keyless records, but
     // the agent must survive them on any topic.
-    create_topic_with(&topic, 1, "delete");
+    // A topic that takes records over the agent's value cap.
+    create_topic_configs(
+        &topic,
+        1,
+        &[
+            ("cleanup.policy", "delete"),
+            ("max.message.bytes", "2000000"),
+        ],
+    );
     let redis = Redis::start(false);
     let dir = tempfile::tempdir().unwrap();
     let mut config = AgentConfig::new(redis.url(), &topic, "device:");
-    // 4 MiB budget: values over 128 KiB are oversize.
+    // 4 MiB budget: the value cap is its floor, 1 MiB, and a fetch response
+    // (512 KiB) is smaller than the oversize record, which must still be
+    // received and skipped, not stall the partition.
     config.extra_agent = "memory_budget_mib = 4".into();
     let config = config.write(dir.path());
     let mut producer = TestProducer::new(&topic);
@@ -225,7 +235,7 @@ fn e_bad_records_are_skipped_and_counted() {
     producer.put("good-2", Some(r#"{"v":2}"#));
     producer.send(None, Some(br#"{"keyless":true}"#));
     producer.put("good-3", Some(r#"{"v":3}"#));
-    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(200 * 1024));
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(1024 * 1024 + 16 * 1024));
     producer.send(Some(b"huge"), Some(big.as_bytes()));
     producer.send(Some(b"latin1"), Some(b"\xff\xfe"));
     producer.put("good-4", Some(r#"{"v":4}"#));
