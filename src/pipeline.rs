@@ -163,6 +163,14 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
     }
 }
 
+/// The Redis key of a record: the topic's prefix, then the Kafka key.
+fn redis_key(prefix: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut redis_key = Vec::with_capacity(prefix.len() + key.len());
+    redis_key.extend_from_slice(prefix);
+    redis_key.extend_from_slice(key);
+    redis_key
+}
+
 /// Partitions that start at a stored offset, and that offset.
 fn stored_starts(starts: &[(PartitionId, Start)]) -> BTreeMap<PartitionId, i64> {
     starts
@@ -547,9 +555,7 @@ impl Pipeline<'_> {
                 }
             }
         };
-        let mut redis_key = Vec::with_capacity(topic.key_prefix.len() + key.len());
-        redis_key.extend_from_slice(&topic.key_prefix);
-        redis_key.extend_from_slice(key);
+        let redis_key = redis_key(&topic.key_prefix, key);
         let value_len = crate::batch::op_len(&op);
         if self.batch.is_full_for(redis_key.len(), value_len) {
             match self.flush(source).await {
@@ -574,9 +580,7 @@ impl Pipeline<'_> {
         if key.len() > MAX_KEY_BYTES || !topic.wants_key(key) {
             return Flow::Continue;
         }
-        let mut redis_key = Vec::with_capacity(topic.key_prefix.len() + key.len());
-        redis_key.extend_from_slice(&topic.key_prefix);
-        redis_key.extend_from_slice(key);
+        let redis_key = redis_key(&topic.key_prefix, key);
         let seen = incoming.payload().is_some();
         if self.batch.is_full_for(redis_key.len(), 0) {
             match self.flush(source).await {
@@ -691,17 +695,9 @@ impl Pipeline<'_> {
         for (partition, start) in self.positions.iter_mut() {
             *start = self.stored.start(partition.0, partition.1);
         }
-        let starts: Vec<_> = self.positions.iter().map(|(&p, &s)| (p, s)).collect();
-        if let Err(e) = source.assign(&starts) {
-            error!("{e}");
-        }
+        self.reassign(source);
         self.log_start_unchecked.clear();
-        source.forget_watermarks();
-        self.caught_up = false;
-        self.catch_up_started = Instant::now();
-        self.records_since_start = 0;
-        self.progress_at = Instant::now();
-        self.progress_records = 0;
+        self.restart_catch_up();
         self.written_lag = None;
         self.write_state().await;
         Flow::Rehydrated
@@ -927,13 +923,38 @@ impl Pipeline<'_> {
         }
     }
 
+    /// Assigns every partition at its position, dropping what librdkafka
+    /// prefetched and its watermarks (stale ones could declare a re-read
+    /// caught up).
+    fn reassign(&self, source: &Source) {
+        let starts: Vec<_> = self.positions.iter().map(|(&p, &s)| (p, s)).collect();
+        if let Err(e) = source.assign(&starts) {
+            error!("{e}");
+        }
+        source.forget_watermarks();
+    }
+
+    /// Starts counting a new catch-up (rehydrate or resync) for the progress
+    /// lines and the caught-up check.
+    fn restart_catch_up(&mut self) {
+        self.caught_up = false;
+        self.catch_up_started = Instant::now();
+        self.records_since_start = 0;
+        self.progress_at = Instant::now();
+        self.progress_records = 0;
+    }
+
+    fn prefixes(&self, topics: &BTreeSet<usize>) -> Vec<Vec<u8>> {
+        topics
+            .iter()
+            .map(|&t| self.settings.topics[t].key_prefix.clone())
+            .collect()
+    }
+
     /// Re-reads `topics` from the earliest offset, noting keys below the
     /// stored offsets and tracking writes from there on.
     async fn start_resync(&mut self, source: &Source, topics: BTreeSet<usize>) -> Flow {
-        let prefixes = topics
-            .iter()
-            .map(|&t| self.settings.topics[t].key_prefix.clone())
-            .collect();
+        let prefixes = self.prefixes(&topics);
         if let Err(e) = self.sink.begin_resync(prefixes).await {
             warn!("{e}; will try the resync again");
             return Flow::Continue;
@@ -947,11 +968,7 @@ impl Pipeline<'_> {
                 *start = Start::Earliest;
             }
         }
-        let starts: Vec<_> = self.positions.iter().map(|(&p, &s)| (p, s)).collect();
-        if let Err(e) = source.assign(&starts) {
-            error!("{e}");
-        }
-        source.forget_watermarks();
+        self.reassign(source);
         let names: Vec<&str> = topics
             .iter()
             .map(|&t| self.settings.topics[t].name.as_str())
@@ -966,12 +983,8 @@ impl Pipeline<'_> {
             started_ms: crate::sink::now_ms(),
             started: Instant::now(),
         });
-        self.caught_up = false;
         self.state = State::Resyncing;
-        self.catch_up_started = Instant::now();
-        self.records_since_start = 0;
-        self.progress_at = Instant::now();
-        self.progress_records = 0;
+        self.restart_catch_up();
         self.lag = None;
         self.write_state().await;
         Flow::Continue
@@ -984,11 +997,7 @@ impl Pipeline<'_> {
         let Some(resync) = &self.resync else {
             return Flow::Continue;
         };
-        let prefixes: Vec<Vec<u8>> = resync
-            .topics
-            .iter()
-            .map(|&t| self.settings.topics[t].key_prefix.clone())
-            .collect();
+        let prefixes = self.prefixes(&resync.topics);
         let mut removed = 0;
         for prefix in &prefixes {
             match self.sink.sweep(prefix).await {
