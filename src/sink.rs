@@ -301,18 +301,21 @@ impl Sink {
     /// set (one left by an interrupted resync would keep stale keys), and
     /// from now on their writes are tracked in it.
     pub async fn begin_resync(&mut self, prefixes: Vec<Vec<u8>>) -> Result<(), SinkError> {
-        let key = self.keys.seen.clone();
-        self.call(
-            |mut c| async move { redis::cmd("DEL").arg(&key).query_async::<()>(&mut c).await },
-        )
-        .await?;
+        self.drop_seen().await?;
         self.tracked = prefixes;
         Ok(())
     }
 
-    /// Stops tracking and drops the seen set.
+    /// Drops the seen set, then stops tracking. Tracking stops only once the
+    /// set is gone: if the DEL fails the pipeline sweeps again, and writes
+    /// made meanwhile must be in the set or that sweep would delete them.
     pub async fn end_resync(&mut self) -> Result<(), SinkError> {
+        self.drop_seen().await?;
         self.tracked.clear();
+        Ok(())
+    }
+
+    async fn drop_seen(&mut self) -> Result<(), SinkError> {
         let key = self.keys.seen.clone();
         self.call(
             |mut c| async move { redis::cmd("DEL").arg(&key).query_async::<()>(&mut c).await },
