@@ -58,7 +58,14 @@ const PARTITIONS: i32 = 6;
 /// The agent's own keys in Redis with the default namespace.
 const STATUS_KEY: &str = "edgecache:status";
 const OFFSETS_KEY: &str = "edgecache:offsets";
-const META_KEYS: u64 = 3; // marker, offsets, status
+/// All of the agent's own keys; the field table exists only once a
+/// postcard value used it.
+const META_KEYS: [&str; 4] = [
+    "edgecache:marker",
+    OFFSETS_KEY,
+    STATUS_KEY,
+    "edgecache:fields",
+];
 /// A local app's read rate per reader thread, not a load generator: on a
 /// 2-core box, readers spinning flat out would steal the CPU the agent and
 /// Redis need and measure the scheduler instead of Redis.
@@ -989,10 +996,15 @@ fn hget_state(conn: &mut redis::Connection) -> Option<String> {
         .flatten()
 }
 
-/// Mirrored keys in Redis: everything but the agent's own keys.
-fn data_keys(conn: &mut redis::Connection, meta: u64) -> u64 {
+/// Mirrored keys in Redis: everything but the agent's own keys (`meta`).
+fn data_keys(conn: &mut redis::Connection, meta: &[&str]) -> u64 {
     let n: u64 = redis::cmd("DBSIZE").query(conn).unwrap();
-    n - meta
+    let ours: u64 = if meta.is_empty() {
+        0
+    } else {
+        redis::cmd("EXISTS").arg(meta).query(conn).unwrap()
+    };
+    n - ours
 }
 
 fn check_keys(found: u64, preload: &Preload, who: &str) {
@@ -1101,7 +1113,7 @@ fn watch_rehydrate(
         hwm_kib,
         rss,
         script: script_stats(redis),
-        redis_keys: data_keys(&mut conn, META_KEYS),
+        redis_keys: data_keys(&mut conn, &META_KEYS),
     }
 }
 
@@ -1167,7 +1179,7 @@ fn naive_run(brokers: &str, topic: &str, highs: &BTreeMap<i32, i64>) -> NaiveRun
     let seconds = start.elapsed().as_secs_f64();
     NaiveRun {
         seconds,
-        redis_keys: data_keys(&mut conn, 0),
+        redis_keys: data_keys(&mut conn, &[]),
     }
 }
 
@@ -1501,7 +1513,7 @@ fn compactness(bin: &Path, brokers: &str, topic: &str, dir: &Path, n_keys: u64) 
             // The agent is stopped before measuring, so its connection's
             // buffers are gone; what remains is the data plus 3 small keys.
             watch_rehydrate(bin, &config, &redis, topic, &highs);
-            let keys = data_keys(&mut conn, META_KEYS);
+            let keys = data_keys(&mut conn, &META_KEYS);
             assert_eq!(keys, n_keys, "{store}: not every key mirrored");
             let after = redis.used_memory(&mut conn);
             let mut sample_rng = Rng::new(0x5a_3b1e);

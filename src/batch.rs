@@ -8,6 +8,7 @@
 //! Bounded twice (G5): at most `max_records` distinct keys (the map is a
 //! fixed-capacity heapless map) and at most `max_bytes` of keys and values.
 
+use crate::codec::MAX_FIELDS;
 use crate::config::BATCH_CAPACITY;
 use heapless::FnvIndexMap;
 use std::collections::BTreeMap;
@@ -76,6 +77,9 @@ pub struct Batch {
     n_bytes: usize,
     max_records: usize,
     max_bytes: usize,
+    /// Field-table numbers the batch's values refer to (a bit per number):
+    /// the apply script writes those entries with the values.
+    fields: [u64; MAX_FIELDS / 64],
 }
 
 impl Batch {
@@ -87,6 +91,7 @@ impl Batch {
             n_bytes: 0,
             max_records: max_records.clamp(1, BATCH_CAPACITY),
             max_bytes,
+            fields: [0; MAX_FIELDS / 64],
         }
     }
 
@@ -184,7 +189,25 @@ impl Batch {
         self.n_bytes
     }
 
+    /// Notes that a value in the batch refers to field number `id`.
+    pub fn use_field(&mut self, id: u32) {
+        let id = id as usize;
+        if let Some(word) = self.fields.get_mut(id / 64) {
+            *word |= 1 << (id % 64);
+        }
+    }
+
+    /// The field numbers noted by [`Batch::use_field`], ascending.
+    pub fn fields(&self) -> impl Iterator<Item = u32> + '_ {
+        self.fields.iter().enumerate().flat_map(|(at, &word)| {
+            (0..64)
+                .filter(move |bit| word & (1 << bit) != 0)
+                .map(move |bit| (at * 64 + bit) as u32)
+        })
+    }
+
     pub fn clear(&mut self) {
+        self.fields = [0; MAX_FIELDS / 64];
         self.ops.clear();
         self.next_offsets.clear();
         self.counts = Counts::default();

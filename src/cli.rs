@@ -1,6 +1,6 @@
 //! The commands behind the binary: `run`, `check-config`, `get`, `status`.
 
-use crate::codec;
+use crate::codec::{self, StoreFormat};
 use crate::config::{mask_url_password, Settings};
 use crate::sink::Sink;
 use clap::{Parser, Subcommand};
@@ -173,7 +173,19 @@ async fn get(settings: &Settings, key: &[u8], meta: bool) -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    match codec::stored_to_json(topic.store, &bytes) {
+    // The table is read after the value: names are written no later than
+    // the values that use them.
+    let fields = match topic.store {
+        StoreFormat::Postcard => match sink.fields().await {
+            Ok(fields) => fields,
+            Err(e) => {
+                eprintln!("edgecache: {e}");
+                return ExitCode::from(3);
+            }
+        },
+        _ => codec::Fields::new(),
+    };
+    match codec::stored_to_json(topic.store, &bytes, &fields) {
         Ok((value, ts_ms)) => {
             let shown = if meta {
                 serde_json::json!({

@@ -12,12 +12,23 @@ use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// First byte of every postcard-stored value. Chosen so a stored value is
 /// never valid UTF-8 at its start, which tells it apart from JSON or text.
 pub const MAGIC: u8 = 0xEC;
-/// Version of the stored layout after the magic byte.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version of the stored layout after the magic byte, as written: 2, whose
+/// object keys refer to the namespace's field table ([`Fields`]). Version 1
+/// (keys inline) is still read.
+pub const FORMAT_VERSION: u8 = 2;
+/// The first stored layout: like version 2 but every object key inline.
+pub const FORMAT_V1: u8 = 1;
+/// Most names the field table holds; later names are stored inline. Bounds
+/// the table's memory (names are at most [`MAX_FIELD_NAME`] bytes) whatever
+/// the data: a map keyed by device id fills it once, then costs nothing.
+pub const MAX_FIELDS: usize = 1024;
+/// Longest object key that goes into the field table.
+pub const MAX_FIELD_NAME: usize = 64;
 /// Deepest nesting of lists and maps accepted from outside. Bounds the stack
 /// used by every recursive walk below (decode, transcode, print).
 pub const MAX_DEPTH: usize = 64;
@@ -87,6 +98,124 @@ pub struct StoredRecord {
     pub value: Value,
 }
 
+/// The field table of stored format 2: object keys ("field names") by
+/// number, so a key that every record repeats ("temp_c", "battery_v") is
+/// stored once per namespace, in the Redis hash `<ns>:fields` (number in
+/// decimal → name), and in each value as a one- or two-byte number.
+///
+/// The agent loads the table when it adopts or creates its marker and only
+/// ever adds to it. Every apply script carries the entries its values use
+/// and writes them in the same atomic step (refusing the batch if Redis has
+/// another name under a number), so a value is never readable before the
+/// names it refers to, whatever Redis lost or restored meanwhile.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    /// Name by number; `None` for a number Redis did not hold (a gap left
+    /// by a restored snapshot), never reused.
+    names: Vec<Option<Box<str>>>,
+    index: HashMap<Box<str>, u32, BuildHasherDefault<Fnv>>,
+    /// Numbers referred to since [`Fields::clear_used`]: the entries the
+    /// record being encoded needs in Redis.
+    used: Vec<u32>,
+}
+
+impl Fields {
+    pub fn new() -> Fields {
+        Fields::default()
+    }
+
+    /// The table as Redis holds it (`HGETALL <ns>:fields`). Entries that
+    /// no agent of this version writes (a number that is not decimal or not
+    /// below [`MAX_FIELDS`], a name too long) are left out: values that use
+    /// them fail to decode rather than decode wrong.
+    pub fn from_pairs<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Fields {
+        let mut fields = Fields::new();
+        for (number, name) in pairs {
+            let Ok(id) = number.parse::<u32>() else {
+                continue;
+            };
+            if id as usize >= MAX_FIELDS || name.len() > MAX_FIELD_NAME {
+                continue;
+            }
+            let at = id as usize;
+            if fields.names.len() <= at {
+                fields.names.resize(at + 1, None);
+            }
+            let name: Box<str> = name.into();
+            fields.index.entry(name.clone()).or_insert(id);
+            fields.names[at] = Some(name);
+        }
+        fields
+    }
+
+    /// The name stored under `id`.
+    pub fn name(&self, id: u32) -> Option<&str> {
+        self.names.get(id as usize)?.as_deref()
+    }
+
+    /// How many names the table holds.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The number for `name`, adding it when there is room; `None` means
+    /// the key is stored inline. Every number returned is noted as used.
+    fn key_ref(&mut self, name: &str) -> Option<u32> {
+        let id = match self.index.get(name) {
+            Some(&id) => id,
+            None => {
+                if name.len() > MAX_FIELD_NAME || self.names.len() >= MAX_FIELDS {
+                    return None;
+                }
+                let id = self.names.len() as u32;
+                let name: Box<str> = name.into();
+                self.names.push(Some(name.clone()));
+                self.index.insert(name, id);
+                id
+            }
+        };
+        self.used.push(id);
+        Some(id)
+    }
+
+    /// Numbers used since the last [`Fields::clear_used`] (repeats included).
+    pub fn used(&self) -> &[u32] {
+        &self.used
+    }
+
+    pub fn clear_used(&mut self) {
+        self.used.clear();
+    }
+}
+
+/// FNV-1a, for the field table's lookups: one per object key of every
+/// record, on names of a few bytes, where SipHash's setup cost dominates.
+/// The table is capped at [`MAX_FIELDS`] entries, so even names chosen to
+/// collide cost at most a bounded scan.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// How record values arrive on a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -145,6 +274,8 @@ pub enum DecodeError {
     UnknownVersion(u8),
     #[error("bytes cannot be stored as JSON")]
     BytesInJson,
+    #[error("field number {0} is not in the field table (<namespace>:fields)")]
+    UnknownField(u32),
 }
 
 /// Parses one record value as its topic's input format.
@@ -165,12 +296,14 @@ pub fn decode_input(format: InputFormat, payload: &[u8]) -> Result<Value, Decode
 }
 
 /// Encodes a decoded record for Redis. `payload` is the original value bytes,
-/// kept verbatim by the raw store format.
+/// kept verbatim by the raw store format; `fields` is the namespace's field
+/// table, which the postcard format refers to (and may add to).
 pub fn encode_store(
     format: StoreFormat,
     value: &Value,
     payload: &[u8],
     ts_ms: Option<i64>,
+    fields: &mut Fields,
     out: &mut Vec<u8>,
 ) -> Result<(), DecodeError> {
     out.clear();
@@ -182,22 +315,90 @@ pub fn encode_store(
             serde_json::to_writer(&mut *out, &json).expect("serialising JSON to memory");
         }
         StoreFormat::Postcard => {
-            out.push(MAGIC);
-            out.push(FORMAT_VERSION);
-            let record = StoredRecordRef { ts_ms, value };
-            let encoded = postcard::to_extend(&record, std::mem::take(out))
-                .map_err(|e| DecodeError::Postcard(e.to_string()))?;
-            *out = encoded;
+            put_header(out, ts_ms);
+            put_value(out, value, fields, 0)?;
         }
     }
     Ok(())
 }
 
-/// Borrowing twin of [`StoredRecord`] so encoding needs no clone.
-#[derive(Serialize)]
-struct StoredRecordRef<'a> {
-    ts_ms: Option<i64>,
-    value: &'a Value,
+/// `[MAGIC, FORMAT_VERSION]` and the `ts_ms` option.
+fn put_header(out: &mut Vec<u8>, ts_ms: Option<i64>) {
+    out.extend_from_slice(&[MAGIC, FORMAT_VERSION]);
+    match ts_ms {
+        None => out.push(0),
+        Some(ts) => {
+            out.push(1);
+            put_varint(out, zigzag(ts));
+        }
+    }
+}
+
+/// One [`Value`] in stored format 2 (FORMAT.md): postcard's encoding of
+/// the enum, except that a map key is a field reference.
+fn put_value(
+    out: &mut Vec<u8>,
+    value: &Value,
+    fields: &mut Fields,
+    depth: usize,
+) -> Result<(), DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(DecodeError::TooDeep);
+    }
+    match value {
+        Value::Null => out.push(tag::NULL),
+        Value::Bool(b) => out.extend_from_slice(&[tag::BOOL, *b as u8]),
+        Value::Int(i) => {
+            out.push(tag::INT);
+            put_varint(out, zigzag(*i));
+        }
+        Value::Float(f) => {
+            out.push(tag::FLOAT);
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        Value::String(s) => {
+            out.push(tag::STRING);
+            put_str(out, s);
+        }
+        Value::Bytes(b) => {
+            out.push(tag::BYTES);
+            put_varint(out, b.len() as u64);
+            out.extend_from_slice(b);
+        }
+        Value::List(items) => {
+            out.push(tag::LIST);
+            put_varint(out, items.len() as u64);
+            for item in items {
+                put_value(out, item, fields, depth + 1)?;
+            }
+        }
+        Value::Map(entries) => {
+            out.push(tag::MAP);
+            put_varint(out, entries.len() as u64);
+            for (key, item) in entries {
+                put_key(out, key, fields);
+                put_value(out, item, fields, depth + 1)?;
+            }
+        }
+        Value::Decimal { mantissa, scale } => {
+            out.push(tag::DECIMAL);
+            put_varint(out, zigzag(*mantissa));
+            out.push(*scale);
+        }
+    }
+    Ok(())
+}
+
+/// A map key in format 2: the varint of its field number + 1, or `00` and
+/// the name inline (too long, or the table is full).
+fn put_key(out: &mut Vec<u8>, key: &str, fields: &mut Fields) {
+    match fields.key_ref(key) {
+        Some(id) => put_varint(out, u64::from(id) + 1),
+        None => {
+            out.push(0);
+            put_str(out, key);
+        }
+    }
 }
 
 /// Decodes a record value and encodes it for Redis in one step; what the
@@ -213,16 +414,17 @@ pub fn transcode(
     store: StoreFormat,
     payload: &[u8],
     ts_ms: Option<i64>,
+    fields: &mut Fields,
     out: &mut Vec<u8>,
 ) -> Result<(), DecodeError> {
     if input == InputFormat::Json
         && store == StoreFormat::Postcard
-        && json_to_stored(payload, ts_ms, out)
+        && json_to_stored(payload, ts_ms, fields, out)
     {
         return Ok(());
     }
     let value = decode_input(input, payload)?;
-    encode_store(store, &value, payload, ts_ms, out)
+    encode_store(store, &value, payload, ts_ms, fields, out)
 }
 
 /// postcard's encoding of each [`Value`] variant's tag (its index).
@@ -232,6 +434,7 @@ mod tag {
     pub const INT: u8 = 2;
     pub const FLOAT: u8 = 3;
     pub const STRING: u8 = 4;
+    pub const BYTES: u8 = 5;
     pub const LIST: u8 = 6;
     pub const MAP: u8 = 7;
     pub const DECIMAL: u8 = 8;
@@ -240,16 +443,14 @@ mod tag {
 /// The fast path of [`transcode`]: `[MAGIC, FORMAT_VERSION]` and the
 /// postcard of `StoredRecord`, written as serde_json parses. False when the
 /// two-step path must decide (see [`transcode`]); `out` is then garbage.
-fn json_to_stored(payload: &[u8], ts_ms: Option<i64>, out: &mut Vec<u8>) -> bool {
+fn json_to_stored(
+    payload: &[u8],
+    ts_ms: Option<i64>,
+    fields: &mut Fields,
+    out: &mut Vec<u8>,
+) -> bool {
     out.clear();
-    out.extend_from_slice(&[MAGIC, FORMAT_VERSION]);
-    match ts_ms {
-        None => out.push(0),
-        Some(ts) => {
-            out.push(1);
-            put_varint(out, zigzag(ts));
-        }
-    }
+    put_header(out, ts_ms);
     // Reading bytes, serde_json checks UTF-8 string by string; one check of
     // the whole payload is cheaper, and for valid UTF-8 both readers give
     // the same result (invalid UTF-8 is left to the two-step path).
@@ -257,10 +458,14 @@ fn json_to_stored(payload: &[u8], ts_ms: Option<i64>, out: &mut Vec<u8>) -> bool
         return false;
     };
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    Transcoder { out, depth: 0 }
-        .deserialize(&mut deserializer)
-        .and_then(|()| deserializer.end())
-        .is_ok()
+    Transcoder {
+        out,
+        fields,
+        depth: 0,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|()| deserializer.end())
+    .is_ok()
 }
 
 /// postcard's varint: unsigned LEB128.
@@ -313,6 +518,7 @@ fn give_up<E: serde::de::Error>() -> E {
 /// Writes one JSON value at `depth` as a postcard [`Value`].
 struct Transcoder<'a> {
     out: &'a mut Vec<u8>,
+    fields: &'a mut Fields,
     depth: usize,
 }
 
@@ -383,6 +589,7 @@ impl<'de> Visitor<'de> for Transcoder<'_> {
         while seq
             .next_element_seed(Transcoder {
                 out: &mut *self.out,
+                fields: &mut *self.fields,
                 depth: self.depth + 1,
             })?
             .is_some()
@@ -402,7 +609,9 @@ impl<'de> Visitor<'de> for Transcoder<'_> {
         // nothing before them moves.
         let mut keys = [(0usize, 0usize); LINEAR_KEY_SCAN];
         let mut count = 0usize;
-        while let Some((start, end)) = map.next_key_seed(KeyWriter(&mut *self.out))? {
+        while let Some((start, end)) =
+            map.next_key_seed(KeyWriter(&mut *self.out, &mut *self.fields))?
+        {
             if count == LINEAR_KEY_SCAN {
                 return Err(give_up::<A::Error>());
             }
@@ -414,6 +623,7 @@ impl<'de> Visitor<'de> for Transcoder<'_> {
             count += 1;
             map.next_value_seed(Transcoder {
                 out: &mut *self.out,
+                fields: &mut *self.fields,
                 depth: self.depth + 1,
             })?;
         }
@@ -422,8 +632,10 @@ impl<'de> Visitor<'de> for Transcoder<'_> {
     }
 }
 
-/// Writes an object key (length, then bytes); returns where its bytes are.
-struct KeyWriter<'a>(&'a mut Vec<u8>);
+/// Writes an object key (see [`put_key`]); returns where its bytes are.
+/// A name always gets the same bytes within a record (the table only
+/// grows), so equal bytes mean a duplicate key.
+struct KeyWriter<'a>(&'a mut Vec<u8>, &'a mut Fields);
 
 impl<'de> DeserializeSeed<'de> for KeyWriter<'_> {
     type Value = (usize, usize);
@@ -444,17 +656,18 @@ impl<'de> Visitor<'de> for KeyWriter<'_> {
     }
 
     fn visit_str<E>(self, s: &str) -> Result<(usize, usize), E> {
-        put_varint(self.0, s.len() as u64);
         let start = self.0.len();
-        self.0.extend_from_slice(s.as_bytes());
+        put_key(self.0, s, self.1);
         Ok((start, self.0.len()))
     }
 }
 
-/// Decodes a postcard-stored value (header included).
-pub fn decode_stored(bytes: &[u8]) -> Result<StoredRecord, DecodeError> {
+/// Decodes a postcard-stored value (header included). `fields` is the
+/// namespace's field table, read after the value (names are written no
+/// later than the values that use them); format 1 values do not use it.
+pub fn decode_stored(bytes: &[u8], fields: &Fields) -> Result<StoredRecord, DecodeError> {
     match bytes {
-        [MAGIC, FORMAT_VERSION, rest @ ..] => {
+        [MAGIC, FORMAT_V1, rest @ ..] => {
             if postcard_too_deep(rest, true) {
                 return Err(DecodeError::TooDeep);
             }
@@ -463,20 +676,163 @@ pub fn decode_stored(bytes: &[u8]) -> Result<StoredRecord, DecodeError> {
             check_depth(&record.value, 0)?;
             Ok(record)
         }
+        [MAGIC, FORMAT_VERSION, rest @ ..] => {
+            let mut reader = Reader {
+                bytes: rest,
+                fields,
+            };
+            let ts_ms = match reader.varint()? {
+                0 => None,
+                1 => Some(unzigzag(reader.varint()?)),
+                n => return Err(malformed(format!("timestamp option {n}"))),
+            };
+            let value = reader.value(0)?;
+            if !reader.bytes.is_empty() {
+                return Err(malformed(format!(
+                    "{} bytes after the value",
+                    reader.bytes.len()
+                )));
+            }
+            Ok(StoredRecord { ts_ms, value })
+        }
         [MAGIC, version, ..] => Err(DecodeError::UnknownVersion(*version)),
         _ => Err(DecodeError::BadMagic),
     }
 }
 
+fn malformed(what: String) -> DecodeError {
+    DecodeError::Postcard(what)
+}
+
+fn unzigzag(n: u64) -> i64 {
+    ((n >> 1) as i64) ^ -((n & 1) as i64)
+}
+
+/// Reads stored format 2. Recursion is bounded by [`MAX_DEPTH`], checked
+/// before each level, so hostile bytes cannot exhaust the stack.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    fields: &'a Fields,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: u64) -> Result<&'a [u8], DecodeError> {
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|n| *n <= self.bytes.len())
+            .ok_or_else(|| malformed("length beyond the end".into()))?;
+        let (taken, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    /// postcard's varint of a u64: at most 10 bytes, no bits beyond 64.
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut n = 0u64;
+        for i in 0..10 {
+            let byte = self.byte()?;
+            let bits = u64::from(byte & 0x7f);
+            if i == 9 && bits > 1 {
+                break;
+            }
+            n |= bits << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err(malformed("bad varint".into()))
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = self.varint()?;
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| malformed("string is not UTF-8".into()))
+    }
+
+    /// A count of items, each at least one byte: a count beyond the bytes
+    /// left is an error before anything is allocated for it.
+    fn count(&mut self) -> Result<usize, DecodeError> {
+        let n = self.varint()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|n| *n <= self.bytes.len())
+            .ok_or_else(|| malformed(format!("count {n} beyond the end")))
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value, DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        let tag = self.varint()?;
+        Ok(match tag {
+            0 => Value::Null,
+            1 => match self.byte()? {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(malformed(format!("bool byte {b}"))),
+            },
+            2 => Value::Int(unzigzag(self.varint()?)),
+            3 => {
+                let bytes: [u8; 8] = self.take(8)?.try_into().expect("8 bytes taken");
+                Value::Float(f64::from_le_bytes(bytes))
+            }
+            4 => Value::String(self.string()?),
+            5 => {
+                let len = self.varint()?;
+                Value::Bytes(self.take(len)?.to_vec())
+            }
+            6 => {
+                let n = self.count()?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(depth + 1)?);
+                }
+                Value::List(items)
+            }
+            7 => {
+                let n = self.count()?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let key = match self.varint()? {
+                        0 => self.string()?,
+                        n => {
+                            let id = u32::try_from(n - 1).unwrap_or(u32::MAX);
+                            self.fields
+                                .name(id)
+                                .ok_or(DecodeError::UnknownField(id))?
+                                .to_owned()
+                        }
+                    };
+                    entries.push((key, self.value(depth + 1)?));
+                }
+                Value::Map(entries)
+            }
+            8 => {
+                let mantissa = unzigzag(self.varint()?);
+                let scale = self.byte()?;
+                Value::Decimal { mantissa, scale }
+            }
+            other => return Err(malformed(format!("unknown tag {other}"))),
+        })
+    }
+}
+
 /// Renders whatever a key holds as JSON, given the store format of the topic
-/// that wrote it. Used by `edgecache get`.
+/// that wrote it and the namespace's field table. Used by `edgecache get`.
 pub fn stored_to_json(
     format: StoreFormat,
     bytes: &[u8],
+    fields: &Fields,
 ) -> Result<(serde_json::Value, Option<i64>), DecodeError> {
     match format {
         StoreFormat::Postcard => {
-            let record = decode_stored(bytes)?;
+            let record = decode_stored(bytes, fields)?;
             Ok((to_json_lossy(&record.value), record.ts_ms))
         }
         StoreFormat::Json => {
@@ -841,24 +1197,28 @@ mod tests {
 
     /// The stored bytes by both paths, checked equal; the direct path must
     /// be the one that produced them.
-    fn store_postcard(json: &str, ts_ms: Option<i64>) -> Vec<u8> {
+    /// Both start from an empty field table, which is returned.
+    fn store_postcard(json: &str, ts_ms: Option<i64>) -> (Vec<u8>, Fields) {
         let value = decode_input(InputFormat::Json, json.as_bytes()).unwrap();
         let mut out = Vec::new();
+        let mut fields = Fields::new();
         encode_store(
             StoreFormat::Postcard,
             &value,
             json.as_bytes(),
             ts_ms,
+            &mut fields,
             &mut out,
         )
         .unwrap();
         let mut direct = Vec::new();
+        let mut direct_fields = Fields::new();
         assert!(
-            json_to_stored(json.as_bytes(), ts_ms, &mut direct),
+            json_to_stored(json.as_bytes(), ts_ms, &mut direct_fields, &mut direct),
             "{json} left the direct path"
         );
         assert_eq!(hex(&direct), hex(&out), "{json}");
-        out
+        (out, fields)
     }
 
     /// The vectors of FORMAT.md, section "Test vectors". If one of these
@@ -866,11 +1226,15 @@ mod tests {
     #[test]
     fn format_md_vectors() {
         let format_md = include_str!("../FORMAT.md");
-        let mut n_checked = 0;
+        let (mut n_checked, mut n_written) = (0, 0);
         for line in format_md.lines() {
             // Vector lines look like: | `{"on":true}` | 1700000000000 | `ec 01 ...` |
+            // Format 2 rows have a fourth column: the field table.
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            if cells.len() != 5 || !cells[1].starts_with('`') || !cells[3].starts_with('`') {
+            if !(5..=6).contains(&cells.len())
+                || !cells[1].starts_with('`')
+                || !cells[3].starts_with('`')
+            {
                 continue;
             }
             let json = cells[1].trim_matches('`');
@@ -879,18 +1243,37 @@ mod tests {
                 n => Some(n.parse().unwrap()),
             };
             let expected = from_hex(cells[3].trim_matches('`'));
-            assert_eq!(
-                hex(&store_postcard(json, ts)),
-                hex(&expected),
-                "vector for {json}"
-            );
-            let record = decode_stored(&expected).unwrap();
+            // Format 1 vectors are only read now; format 2 ones are also
+            // written, each starting from an empty field table.
+            let fields = if expected[1] == FORMAT_VERSION {
+                let (stored, fields) = store_postcard(json, ts);
+                assert_eq!(hex(&stored), hex(&expected), "vector for {json}");
+                let table: Vec<String> = (0..fields.len() as u32)
+                    .map(|id| format!("{id} = \"{}\"", fields.name(id).unwrap()))
+                    .collect();
+                let table = if table.is_empty() {
+                    "(empty)".to_owned()
+                } else {
+                    table.join(", ")
+                };
+                assert_eq!(
+                    cells.get(4).copied(),
+                    Some(table.as_str()),
+                    "table for {json}"
+                );
+                n_written += 1;
+                fields
+            } else {
+                Fields::new()
+            };
+            let record = decode_stored(&expected, &fields).unwrap();
             assert_eq!(record.ts_ms, ts);
             let original: serde_json::Value = serde_json::from_str(json).unwrap();
             assert_eq!(to_json_lossy(&record.value), original);
             n_checked += 1;
         }
-        assert!(n_checked >= 5, "FORMAT.md lost its vectors ({n_checked})");
+        assert!(n_checked >= 10, "FORMAT.md lost its vectors ({n_checked})");
+        assert!(n_written >= 5, "FORMAT.md lost its format 2 vectors");
     }
 
     #[test]
@@ -906,13 +1289,64 @@ mod tests {
             ("d".into(), Value::from_f64(-21.3)),
         ]);
         let mut out = Vec::new();
-        encode_store(StoreFormat::Postcard, &value, b"", Some(-1), &mut out).unwrap();
-        let back = decode_stored(&out).unwrap();
+        let mut fields = Fields::new();
+        encode_store(
+            StoreFormat::Postcard,
+            &value,
+            b"",
+            Some(-1),
+            &mut fields,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(fields.len(), 8);
+        let back = decode_stored(&out, &fields).unwrap();
         assert_eq!(back.value, value);
         assert_eq!(back.ts_ms, Some(-1));
         // The bare value is also what the postcard input format accepts.
         let bare = postcard::to_allocvec(&value).unwrap();
         assert_eq!(decode_input(InputFormat::Postcard, &bare).unwrap(), value);
+    }
+
+    #[test]
+    fn field_table_is_capped_and_other_keys_stay_inline() {
+        let mut fields = Fields::new();
+        for i in 0..MAX_FIELDS {
+            assert_eq!(fields.key_ref(&format!("f{i}")), Some(i as u32));
+        }
+        // Past the cap, and names too long, are stored inline; a duplicate
+        // of an inline key is still found (the direct path gives up).
+        let long = "x".repeat(MAX_FIELD_NAME + 1);
+        for json in [
+            format!(r#"{{"f0":1,"new":2,"{long}":3}}"#),
+            format!(r#"{{"f0":1,"new":2,"{long}":3,"new":4}}"#),
+        ] {
+            let mut out = Vec::new();
+            let (json_in, store) = (InputFormat::Json, StoreFormat::Postcard);
+            transcode(json_in, store, json.as_bytes(), None, &mut fields, &mut out).unwrap();
+            assert_eq!(fields.len(), MAX_FIELDS);
+            let record = decode_stored(&out, &fields).unwrap();
+            let expected: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(to_json_lossy(&record.value), expected);
+        }
+        // As loaded from Redis: entries no agent writes are left out, a gap
+        // stays a gap, and new names are numbered after the highest.
+        let pairs = [
+            ("0", "a"),
+            ("5", "b"),
+            ("x", "c"),
+            ("1024", "d"),
+            ("2", &long),
+        ];
+        let mut loaded = Fields::from_pairs(pairs.map(|(n, s)| (n.to_owned(), s.to_owned())));
+        assert_eq!((loaded.name(0), loaded.name(5)), (Some("a"), Some("b")));
+        assert_eq!(
+            (loaded.name(1), loaded.name(2), loaded.len()),
+            (None, None, 2)
+        );
+        assert_eq!(loaded.key_ref("e"), Some(6));
+        assert_eq!(loaded.key_ref("a"), Some(0));
+        assert_eq!(loaded.used(), &[6, 0]);
     }
 
     #[test]
@@ -957,15 +1391,59 @@ mod tests {
         ));
         let deep = "[".repeat(MAX_DEPTH + 2) + &"]".repeat(MAX_DEPTH + 2);
         assert!(decode_input(InputFormat::Json, deep.as_bytes()).is_err());
-        assert_eq!(decode_stored(b"{}"), Err(DecodeError::BadMagic));
+        let none = Fields::new();
+        assert_eq!(decode_stored(b"{}", &none), Err(DecodeError::BadMagic));
         assert_eq!(
-            decode_stored(&[MAGIC, 9, 0]),
+            decode_stored(&[MAGIC, 9, 0], &none),
             Err(DecodeError::UnknownVersion(9))
         );
+        // A map whose one key is field number 3, which the table lacks.
+        assert_eq!(
+            decode_stored(&[MAGIC, FORMAT_VERSION, 0, 7, 1, 4, 0], &none),
+            Err(DecodeError::UnknownField(3))
+        );
+        for bad in [
+            &[MAGIC, FORMAT_VERSION][..],
+            &[MAGIC, FORMAT_VERSION, 2, 0],
+            &[MAGIC, FORMAT_VERSION, 0, 1, 2],
+            &[MAGIC, FORMAT_VERSION, 0, 0, 0],
+            &[MAGIC, FORMAT_VERSION, 0, 6, 200, 1],
+            &[MAGIC, FORMAT_VERSION, 0, 4, 1, 0xff],
+            &[
+                MAGIC,
+                FORMAT_VERSION,
+                0,
+                2,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0x7f,
+            ],
+            &[MAGIC, FORMAT_VERSION, 0, 9],
+        ] {
+            assert!(
+                matches!(decode_stored(bad, &none), Err(DecodeError::Postcard(_))),
+                "{}",
+                hex(bad)
+            );
+        }
         let bytes = Value::Bytes(vec![1]);
         let mut out = Vec::new();
         assert_eq!(
-            encode_store(StoreFormat::Json, &bytes, b"\x01", None, &mut out),
+            encode_store(
+                StoreFormat::Json,
+                &bytes,
+                b"\x01",
+                None,
+                &mut Fields::new(),
+                &mut out
+            ),
             Err(DecodeError::BytesInJson)
         );
     }
@@ -1123,13 +1601,25 @@ mod tests {
                 decode_input(InputFormat::Postcard, &bare),
                 Err(DecodeError::TooDeep)
             );
-            let mut stored = vec![MAGIC, FORMAT_VERSION, 0];
-            stored.extend_from_slice(&bare);
-            assert_eq!(decode_stored(&stored), Err(DecodeError::TooDeep));
-            assert_eq!(
-                stored_to_json(StoreFormat::Postcard, &stored).map(|_| ()),
-                Err(DecodeError::TooDeep)
-            );
+            // Format 1 goes through postcard's decoder, format 2 through
+            // edgecache's own (where the map key is a field reference).
+            let mut fields = Fields::new();
+            let id = fields.key_ref("k").unwrap();
+            let v2_level = [7, 1, id as u8 + 1];
+            let v2_bare = if level[0] == 7 {
+                v2_level.repeat(1_000_000 / 3 * 2)
+            } else {
+                bare.clone()
+            };
+            for (version, bare) in [(FORMAT_V1, &bare), (FORMAT_VERSION, &v2_bare)] {
+                let mut stored = vec![MAGIC, version, 0];
+                stored.extend_from_slice(bare);
+                assert_eq!(decode_stored(&stored, &fields), Err(DecodeError::TooDeep));
+                assert_eq!(
+                    stored_to_json(StoreFormat::Postcard, &stored, &fields).map(|_| ()),
+                    Err(DecodeError::TooDeep)
+                );
+            }
         }
     }
 
@@ -1157,10 +1647,22 @@ mod tests {
             ][i % 5];
             for store in formats {
                 let mut direct = vec![1, 2, 3];
-                let direct_result = transcode(InputFormat::Json, store, payload, ts, &mut direct);
+                let mut fields = Fields::new();
+                let direct_result = transcode(
+                    InputFormat::Json,
+                    store,
+                    payload,
+                    ts,
+                    &mut fields,
+                    &mut direct,
+                );
+                // The table as transcode left it: when the direct path gave
+                // up midway it numbered names in its own order, and the
+                // bytes can only match with the same numbers.
+                let mut fields = fields.clone();
                 let mut two_step = Vec::new();
                 let two_step_result = decode_input(InputFormat::Json, payload)
-                    .and_then(|v| encode_store(store, &v, payload, ts, &mut two_step));
+                    .and_then(|v| encode_store(store, &v, payload, ts, &mut fields, &mut two_step));
                 assert_eq!(direct_result, two_step_result, "input {case} ({store})");
                 if two_step_result.is_ok() {
                     assert_eq!(hex(&direct), hex(&two_step), "input {case} ({store})");
@@ -1177,8 +1679,9 @@ mod tests {
             let value = decode_input(InputFormat::Json, text.as_bytes()).unwrap();
             let mut out = Vec::new();
             for store in [StoreFormat::Postcard, StoreFormat::Json] {
-                encode_store(store, &value, text.as_bytes(), None, &mut out).unwrap();
-                let (shown, _) = stored_to_json(store, &out).unwrap();
+                let mut fields = Fields::new();
+                encode_store(store, &value, text.as_bytes(), None, &mut fields, &mut out).unwrap();
+                let (shown, _) = stored_to_json(store, &out, &fields).unwrap();
                 // Display strings differ between -0.0 and 0.0; == does not.
                 assert_eq!(
                     shown.to_string(),
@@ -1198,11 +1701,29 @@ mod tests {
         let payload = br#"{"t": 21.5, "on": true}"#;
         let value = decode_input(InputFormat::Json, payload).unwrap();
         let mut out = Vec::new();
-        encode_store(StoreFormat::Json, &value, payload, Some(5), &mut out).unwrap();
+        let mut fields = Fields::new();
+        encode_store(
+            StoreFormat::Json,
+            &value,
+            payload,
+            Some(5),
+            &mut fields,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out, br#"{"t":21.5,"on":true}"#);
-        encode_store(StoreFormat::Raw, &value, payload, Some(5), &mut out).unwrap();
+        encode_store(
+            StoreFormat::Raw,
+            &value,
+            payload,
+            Some(5),
+            &mut fields,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out, payload);
-        let (json, ts) = stored_to_json(StoreFormat::Raw, b"\xff\x00").unwrap();
+        assert!(fields.is_empty(), "only the postcard format uses the table");
+        let (json, ts) = stored_to_json(StoreFormat::Raw, b"\xff\x00", &fields).unwrap();
         assert_eq!((json, ts), (serde_json::json!("ff00"), None));
     }
 }

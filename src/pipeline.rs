@@ -13,7 +13,7 @@
 use crate::backoff::Backoff;
 use crate::batch::{Batch, Op, PartitionId, SkipReason};
 use crate::checkpoint::{Start, StoredOffsets};
-use crate::codec;
+use crate::codec::{self, Fields};
 use crate::config::{Settings, MAX_KEY_BYTES};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
@@ -147,6 +147,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         bad_suppressed: 0,
         bad_window: Instant::now(),
         encoded: Vec::new(),
+        fields: Fields::new(),
         metrics,
         reported: Reported::default(),
         resync: None,
@@ -242,6 +243,9 @@ struct Pipeline<'s> {
     bad_window: Instant,
     /// Reused encode buffer.
     encoded: Vec<u8>,
+    /// The namespace's field table (stored format 2), as loaded with the
+    /// marker and grown by the values encoded since.
+    fields: Fields,
     resync: Option<Resync>,
     /// When every partition was last known read to its end (Unix ms); see
     /// `resync`.
@@ -396,6 +400,10 @@ impl Pipeline<'_> {
                         warn!(field, "ignoring an offsets field of no configured topic");
                     }
                     self.stored = outcome.offsets;
+                    // Only here is the table replaced: no batch is pending
+                    // (at start, or a rehydrate dropped it), so no value
+                    // encoded with the old table can still be applied.
+                    self.fields = outcome.fields;
                     self.caught_up_ms = outcome.caught_up_ms;
                     self.caught_up_written = None;
                     self.write_state().await;
@@ -529,11 +537,13 @@ impl Pipeline<'_> {
                 )
             }
             Some(payload) => {
+                self.fields.clear_used();
                 let encoded = codec::transcode(
                     topic.input,
                     topic.store,
                     payload,
                     incoming.timestamp_ms(),
+                    &mut self.fields,
                     &mut self.encoded,
                 );
                 if let Err(e) = encoded {
@@ -562,6 +572,13 @@ impl Pipeline<'_> {
                 Flow::Continue => {}
                 // The record belongs to the old assignment or we are stopping.
                 other => return other,
+            }
+        }
+        // After any flush above: the names this value uses go with the
+        // batch that holds it.
+        if matches!(op, Op::Set(_) | Op::SetUntil(..)) {
+            for &id in self.fields.used() {
+                self.batch.use_field(id);
             }
         }
         self.batch.put(partition, offset, redis_key, op);
@@ -633,7 +650,7 @@ impl Pipeline<'_> {
             let mut stop = self.stop.clone();
             let result = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return Flow::Stop,
-                result = self.sink.apply(&self.batch) => result,
+                result = self.sink.apply(&self.batch, &self.fields) => result,
             };
             match result {
                 Ok(()) => {
@@ -1233,7 +1250,12 @@ impl Pipeline<'_> {
         // Only reached once shutdown was asked; a Redis known to be down is
         // not worth the two seconds.
         if !self.batch.is_empty() && self.state != State::RedisUnreachable {
-            match tokio::time::timeout(Duration::from_secs(2), self.sink.apply(&self.batch)).await {
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                self.sink.apply(&self.batch, &self.fields),
+            )
+            .await
+            {
                 Ok(Ok(())) => info!("applied the last batch"),
                 _ => info!("abandoned the in-flight batch; it is read again after restart"),
             }

@@ -16,6 +16,7 @@
 
 use crate::batch::{Batch, Op, SkipReason};
 use crate::checkpoint::{offset_field, StoredOffsets};
+use crate::codec::Fields;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
 use std::time::Duration;
@@ -25,10 +26,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 const APPLY_SCRIPT: &str = r#"
 -- KEYS[1] marker, KEYS[2] offsets hash, KEYS[3] status hash, KEYS[4] resync
--- seen set, KEYS[5..] data keys
+-- seen set, KEYS[5] field table, KEYS[6..] data keys
 -- ARGV[1] token, ARGV[2] n_offsets, ARGV[3] n_counters, ARGV[4] now_ms,
--- ARGV[5] channel to PUBLISH changes on ('' for none),
--- then n_offsets (field, next offset) pairs, n_counters (name, delta) pairs,
+-- ARGV[5] channel to PUBLISH changes on ('' for none), ARGV[6] n_fields,
+-- then n_fields (number, name) pairs of the field table that the values
+-- use, n_offsets (field, next offset) pairs, n_counters (name, delta) pairs,
 -- then one (op, value) pair per data key: op "s" = SET value, "d" = DEL,
 -- "x<ms>" = SET value expiring at Unix time <ms>. During a resync: the same
 -- op in upper case ("S", "D", "X<ms>") also adds the key to the seen set
@@ -37,7 +39,23 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
 end
 local channel = ARGV[5]
-local a = 6
+local n_fields = tonumber(ARGV[6])
+local a = 7
+-- Every check before the first write: a script that errors keeps what it
+-- already wrote.
+for i = 1, n_fields do
+  local held = redis.call('HGET', KEYS[5], ARGV[a])
+  if held and held ~= ARGV[a + 1] then
+    -- Someone else changed the table, so values already stored may read
+    -- wrong: give up the state (the marker) and let the agent rewrite all.
+    redis.call('DEL', KEYS[1])
+    return redis.error_reply('EDGECACHE_LOST field ' .. ARGV[a] .. ' names something else in Redis')
+  end
+  a = a + 2
+end
+if n_fields > 0 then
+  redis.call('HSET', KEYS[5], unpack(ARGV, 7, a - 1))
+end
 for i = 1, tonumber(ARGV[2]) do
   redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 1])
   a = a + 2
@@ -46,7 +64,7 @@ for i = 1, tonumber(ARGV[3]) do
   redis.call('HINCRBY', KEYS[3], ARGV[a], ARGV[a + 1])
   a = a + 2
 end
-for k = 5, #KEYS do
+for k = 6, #KEYS do
   local op = ARGV[a]
   local c = string.sub(op, 1, 1)
   if c == 'n' then
@@ -72,7 +90,7 @@ for k = 5, #KEYS do
   a = a + 2
 end
 redis.call('HSET', KEYS[3], 'last_applied_ms', ARGV[4])
-return #KEYS - 4
+return #KEYS - 5
 "#;
 
 /// The end of a resync: of one page of keys under a resynced topic's
@@ -101,7 +119,8 @@ return n
 
 /// Adopt the marker if it exists; otherwise create it and drop any offsets
 /// and counters left without one, since they no longer describe what Redis
-/// holds.
+/// holds. The field table stays: values still in Redis may refer to it, and
+/// the agent only adds to it.
 const INIT_SCRIPT: &str = r#"
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -124,7 +143,11 @@ pub enum SinkError {
 
 impl From<redis::RedisError> for SinkError {
     fn from(e: redis::RedisError) -> Self {
-        if e.to_string().contains("EDGECACHE_LOST") {
+        let text = e.to_string();
+        if text.contains("EDGECACHE_LOST") {
+            if text.contains("field") {
+                tracing::warn!("Redis's field table changed under the agent: {text}");
+            }
             SinkError::Lost
         } else if e.is_io_error()
             || e.is_connection_dropped()
@@ -157,6 +180,8 @@ pub struct InitOutcome {
     /// created: the start of the window in which deletes may have been
     /// missed.
     pub caught_up_ms: i64,
+    /// The field table Redis holds (`<ns>:fields`).
+    pub fields: Fields,
 }
 
 /// Keys of the agent's own meta data.
@@ -167,6 +192,8 @@ pub struct MetaKeys {
     pub status: String,
     /// During a resync: the keys seen again (a set).
     pub seen: String,
+    /// The field table of stored format 2 (a hash, number → name).
+    pub fields: String,
 }
 
 impl MetaKeys {
@@ -176,6 +203,7 @@ impl MetaKeys {
             offsets: format!("{namespace}:offsets"),
             status: format!("{namespace}:status"),
             seen: format!("{namespace}:seen"),
+            fields: format!("{namespace}:fields"),
         }
     }
 }
@@ -290,11 +318,23 @@ impl Sink {
         let caught_up_ms = stored
             .and_then(|v| v.parse::<i64>().ok())
             .map_or(marker_ms, |ms| ms.max(marker_ms));
+        let fields = self.fields().await?;
         Ok(InitOutcome {
             fresh: created == 1,
             offsets,
             caught_up_ms,
+            fields,
         })
+    }
+
+    /// Reads the field table (`<ns>:fields`). Read it after the values it
+    /// is needed for: names are written no later than the values using them.
+    pub async fn fields(&mut self) -> Result<Fields, SinkError> {
+        let key = self.keys.fields.clone();
+        let pairs: Vec<(String, String)> = self
+            .call(|mut c| async move { redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
+            .await?;
+        Ok(Fields::from_pairs(pairs))
     }
 
     /// Starts a resync of the topics with these key prefixes: an empty seen
@@ -405,7 +445,7 @@ impl Sink {
     /// keeps every key and argument in a `Vec` of its own and copies them
     /// all again into the command, two allocations and two copies per
     /// record that showed up in the rehydrate profile (BENCHMARKS.md).
-    pub async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
+    pub async fn apply(&mut self, batch: &Batch, fields: &Fields) -> Result<(), SinkError> {
         let mut connection = self.connection().await?;
         let counts = batch.counts();
         let counters: Vec<(&str, u64)> =
@@ -418,8 +458,15 @@ impl Sink {
                 )
                 .filter(|(_, n)| *n > 0)
                 .collect();
-        let n_keys = 4 + batch.n_ops();
-        let n_args = 5 + 2 * (batch.next_offsets().len() + counters.len() + batch.n_ops());
+        // The table entries the values refer to. A number the table lacks
+        // cannot be in a value (numbers are only handed out with a name).
+        let used: Vec<(u32, &str)> = batch
+            .fields()
+            .filter_map(|id| Some((id, fields.name(id)?)))
+            .collect();
+        let n_keys = 5 + batch.n_ops();
+        let n_args =
+            6 + 2 * (used.len() + batch.next_offsets().len() + counters.len() + batch.n_ops());
         // Every key and value plus a few bytes per op and the meta arguments.
         let n_bytes = batch.n_bytes() + 24 * batch.n_ops() + 512;
         let mut command = redis::Cmd::with_capacity(3 + n_keys + n_args, n_bytes);
@@ -430,7 +477,8 @@ impl Sink {
             .arg(&self.keys.marker)
             .arg(&self.keys.offsets)
             .arg(&self.keys.status)
-            .arg(&self.keys.seen);
+            .arg(&self.keys.seen)
+            .arg(&self.keys.fields);
         for (key, _) in batch.ops() {
             command.arg(key.as_slice());
         }
@@ -439,7 +487,11 @@ impl Sink {
             .arg(batch.next_offsets().len())
             .arg(counters.len())
             .arg(now_ms())
-            .arg(self.publish_channel.as_deref().unwrap_or(""));
+            .arg(self.publish_channel.as_deref().unwrap_or(""))
+            .arg(used.len());
+        for (id, name) in used {
+            command.arg(id).arg(name);
+        }
         for (&(topic_idx, partition), next) in batch.next_offsets() {
             command
                 .arg(offset_field(&self.topic_names[topic_idx], partition))

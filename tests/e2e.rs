@@ -6,7 +6,7 @@
 mod util;
 
 use edgecache::codec::StoreFormat;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use util::*;
 
@@ -543,7 +543,12 @@ fn foreign_keys_are_never_touched() {
     let hash: BTreeMap<String, String> = redis.hgetall("app:hash");
     assert_eq!(hash.get("f").map(String::as_str), Some("1"));
     let all: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
-    let ours = ["edgecache:offsets", "edgecache:marker", "edgecache:status"];
+    let ours = [
+        "edgecache:offsets",
+        "edgecache:marker",
+        "edgecache:status",
+        "edgecache:fields",
+    ];
     for key in all {
         let is_foreign = foreign.iter().any(|(k, _)| *k == key) || key == "app:hash";
         assert!(
@@ -551,6 +556,72 @@ fn foreign_keys_are_never_touched() {
             "the agent wrote a key outside its prefix and namespace: {key}"
         );
     }
+}
+
+/// Stored format 2's field table (`edgecache:fields`): entries Redis lost
+/// come back, under the same numbers, with the next values that use them;
+/// an entry someone else changed makes the agent rewrite everything under
+/// the table Redis holds, never store values that would read wrong.
+#[test]
+fn field_table_heals_and_a_foreign_entry_forces_a_rehydrate() {
+    let topic = unique("fields");
+    create_topic(&topic, 2);
+    let redis = Redis::start(false);
+    let mut conn = redis.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(11);
+    producer.random_states(&mut rng, 300, 40);
+    producer.flush();
+    let agent = Agent::start(&config);
+    converges(&redis, &producer);
+    let table = redis.hgetall("edgecache:fields");
+    let names: BTreeSet<&str> = table.values().map(String::as_str).collect();
+    assert_eq!(names, BTreeSet::from(["fw", "on", "seq", "temp"]));
+
+    // Entries lost (a Redis restored from an older snapshot, say): stored
+    // values cannot be read until a batch using the names writes them again.
+    let _: () = redis::cmd("DEL")
+        .arg("edgecache:fields")
+        .query(&mut conn)
+        .unwrap();
+    producer.random_states(&mut rng, 100, 40);
+    producer.flush();
+    wait_until(CONVERGE, "the field table written again", || {
+        redis.hgetall("edgecache:fields") == table
+    });
+    converges(&redis, &producer);
+    assert!(!agent.log_text().contains("Redis lost"));
+
+    // Number 0 renamed by someone else: the agent must not write values
+    // under it; it gives up its state and rewrites every key.
+    let renamed = table["0"].clone();
+    let _: () = redis::cmd("HSET")
+        .arg("edgecache:fields")
+        .arg("0")
+        .arg("bogus")
+        .query(&mut conn)
+        .unwrap();
+    producer.random_states(&mut rng, 100, 40);
+    producer.flush();
+    wait_until(CONVERGE, "a rehydrate after the foreign entry", || {
+        agent.log_text().contains("field table changed")
+            && redis.status_counter("records") == producer.n_sent
+    });
+    converges(&redis, &producer);
+    let after = redis.hgetall("edgecache:fields");
+    assert_eq!(after["0"], "bogus", "Redis's table wins");
+    let moved: Vec<&String> = after
+        .iter()
+        .filter(|(_, v)| **v == renamed)
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(moved.len(), 1, "{renamed} numbered again: {after:?}");
+    assert!(
+        moved[0].parse::<usize>().unwrap() >= table.len(),
+        "{after:?}"
+    );
 }
 
 /// Scope and extras: key prefix and regex filters, a partition subset, a

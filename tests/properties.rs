@@ -7,7 +7,8 @@
 use edgecache::batch::{op_len, Batch, Counts, Op, PartitionId, SkipReason};
 use edgecache::codec::{
     decimal_to_f64, decode_input, decode_stored, encode_store, stored_to_json, to_json_lossy,
-    DecodeError, InputFormat, StoreFormat, Value, FORMAT_VERSION, MAGIC, MAX_DEPTH,
+    DecodeError, Fields, InputFormat, StoreFormat, StoredRecord, Value, FORMAT_V1, FORMAT_VERSION,
+    MAGIC, MAX_DEPTH,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -138,18 +139,30 @@ fn numbers_well_formed(value: &Value) -> bool {
 proptest! {
     #![proptest_config(config())]
 
-    /// Stored postcard (`EC 01` + record) and the bare postcard input format
-    /// give back any value and timestamp unchanged.
+    /// Stored postcard (`EC 02` + record, with its field table; and the
+    /// `EC 01` format still read) and the bare postcard input format give
+    /// back any value and timestamp unchanged.
     #[test]
     fn postcard_store_round_trip(value in any_value(), ts_ms in any::<Option<i64>>()) {
         let mut out = Vec::new();
-        encode_store(StoreFormat::Postcard, &value, b"", ts_ms, &mut out).unwrap();
+        let mut fields = Fields::new();
+        encode_store(StoreFormat::Postcard, &value, b"", ts_ms, &mut fields, &mut out).unwrap();
         prop_assert_eq!(&out[..2], &[MAGIC, FORMAT_VERSION]);
-        let record = decode_stored(&out).unwrap();
+        let record = decode_stored(&out, &fields).unwrap();
         prop_assert_eq!(record.ts_ms, ts_ms);
         prop_assert!(same(&record.value, &value));
         // `get` can always show it.
-        prop_assert_eq!(stored_to_json(StoreFormat::Postcard, &out).unwrap().1, ts_ms);
+        prop_assert_eq!(stored_to_json(StoreFormat::Postcard, &out, &fields).unwrap().1, ts_ms);
+        // The same value in the table's later state (it only grows).
+        let mut later = fields.clone();
+        encode_store(StoreFormat::Postcard, &Value::Map(vec![("zz-new".into(), Value::Null)]), b"", None, &mut later, &mut Vec::new()).unwrap();
+        prop_assert!(same(&decode_stored(&out, &later).unwrap().value, &value));
+
+        let mut v1 = vec![MAGIC, FORMAT_V1];
+        v1.extend(postcard::to_allocvec(&StoredRecord { ts_ms, value: value.clone() }).unwrap());
+        let record = decode_stored(&v1, &Fields::new()).unwrap();
+        prop_assert_eq!(record.ts_ms, ts_ms);
+        prop_assert!(same(&record.value, &value));
 
         let bare = postcard::to_allocvec(&value).unwrap();
         prop_assert!(same(&decode_input(InputFormat::Postcard, &bare).unwrap(), &value));
@@ -162,13 +175,15 @@ proptest! {
         for input in [InputFormat::Json, InputFormat::Postcard, InputFormat::Raw] {
             if let Ok(value) = decode_input(input, &payload) {
                 let mut out = Vec::new();
-                encode_store(StoreFormat::Postcard, &value, &payload, None, &mut out).unwrap();
-                prop_assert!(same(&decode_stored(&out).unwrap().value, &value));
+                let mut fields = Fields::new();
+                encode_store(StoreFormat::Postcard, &value, &payload, None, &mut fields, &mut out).unwrap();
+                prop_assert!(same(&decode_stored(&out, &fields).unwrap().value, &value));
             }
         }
-        let _ = decode_stored(&payload);
+        let fields = Fields::from_pairs([("0".to_owned(), "a".to_owned())]);
+        let _ = decode_stored(&payload, &fields);
         for store in [StoreFormat::Postcard, StoreFormat::Json, StoreFormat::Raw] {
-            let _ = stored_to_json(store, &payload);
+            let _ = stored_to_json(store, &payload, &fields);
         }
     }
 
@@ -192,8 +207,9 @@ proptest! {
         prop_assert!(json_equivalent(&to_json_lossy(&value), &original));
         let mut out = Vec::new();
         for store in [StoreFormat::Postcard, StoreFormat::Json] {
-            encode_store(store, &value, text.as_bytes(), None, &mut out).unwrap();
-            let (shown, _) = stored_to_json(store, &out).unwrap();
+            let mut fields = Fields::new();
+            encode_store(store, &value, text.as_bytes(), None, &mut fields, &mut out).unwrap();
+            let (shown, _) = stored_to_json(store, &out, &fields).unwrap();
             prop_assert!(json_equivalent(&shown, &original), "{}: {} vs {}", store, shown, original);
         }
     }
@@ -249,13 +265,19 @@ proptest! {
         let json = open.repeat(levels) + "null" + &close.repeat(levels);
         let mut bare = pc_level.repeat(levels);
         bare.push(0);
-        let mut stored = vec![MAGIC, FORMAT_VERSION, 0];
+        let mut stored = vec![MAGIC, FORMAT_V1, 0];
         stored.extend_from_slice(&bare);
+        // Format 2: the same with the map key inline (`00` first).
+        let mut stored2 = vec![MAGIC, FORMAT_VERSION, 0];
+        let level2: &[u8] = if use_map { &[7, 1, 0, 1, b'k'] } else { &[6, 1] };
+        stored2.extend(level2.repeat(levels));
+        stored2.push(0);
 
         let results = [
             decode_input(InputFormat::Json, json.as_bytes()),
             decode_input(InputFormat::Postcard, &bare),
-            decode_stored(&stored).map(|record| record.value),
+            decode_stored(&stored, &Fields::new()).map(|record| record.value),
+            decode_stored(&stored2, &Fields::new()).map(|record| record.value),
         ];
         for result in &results {
             if levels <= MAX_DEPTH {

@@ -94,8 +94,13 @@ fn assert_confined(redis: &Redis, foreign: &[(String, String)]) {
         assert!(
             foreign.iter().any(|(k, _)| *k == key)
                 || key.starts_with("device:")
-                || ["edgecache:offsets", "edgecache:marker", "edgecache:status"]
-                    .contains(&key.as_str()),
+                || [
+                    "edgecache:offsets",
+                    "edgecache:marker",
+                    "edgecache:status",
+                    "edgecache:fields",
+                ]
+                .contains(&key.as_str()),
             "the agent left or wrote a key outside its prefix and namespace: {key}"
         );
     }

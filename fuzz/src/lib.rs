@@ -5,7 +5,7 @@
 //! `edgecache get`, unchanged.
 
 use edgecache::checkpoint::StoredOffsets;
-use edgecache::codec::{self, DecodeError, InputFormat, StoreFormat, Value};
+use edgecache::codec::{self, DecodeError, Fields, InputFormat, StoreFormat, Value};
 
 const STORES: [StoreFormat; 3] = [StoreFormat::Postcard, StoreFormat::Json, StoreFormat::Raw];
 
@@ -17,9 +17,14 @@ pub fn check_input(input: InputFormat, payload: &[u8]) {
     // must give the same bytes and errors as the two steps checked below.
     for store in STORES {
         let (mut direct, mut two_step) = (Vec::new(), Vec::new());
-        let one_step = codec::transcode(input, store, payload, ts_ms, &mut direct);
-        let two_steps = codec::decode_input(input, payload)
-            .and_then(|value| codec::encode_store(store, &value, payload, ts_ms, &mut two_step));
+        let mut fields = Fields::new();
+        let one_step = codec::transcode(input, store, payload, ts_ms, &mut fields, &mut direct);
+        // The same field numbers: the direct path may have numbered names
+        // in its own order before it gave up.
+        let mut fields = fields.clone();
+        let two_steps = codec::decode_input(input, payload).and_then(|value| {
+            codec::encode_store(store, &value, payload, ts_ms, &mut fields, &mut two_step)
+        });
         assert_eq!(one_step, two_steps, "transcode vs two steps ({store})");
         if two_steps.is_ok() {
             assert_eq!(direct, two_step, "transcode vs two steps ({store})");
@@ -38,7 +43,9 @@ pub fn check_input(input: InputFormat, payload: &[u8]) {
     };
     let mut stored = Vec::new();
     for store in STORES {
-        if let Err(e) = codec::encode_store(store, &value, payload, ts_ms, &mut stored) {
+        let mut fields = Fields::new();
+        if let Err(e) = codec::encode_store(store, &value, payload, ts_ms, &mut fields, &mut stored)
+        {
             // The JSON store refuses only what has no JSON form; anything
             // else decoded must be storable.
             assert_eq!(store, StoreFormat::Json, "{store} refused {value:?}: {e}");
@@ -52,13 +59,14 @@ pub fn check_input(input: InputFormat, payload: &[u8]) {
             );
             continue;
         }
-        let (shown, shown_ts) = codec::stored_to_json(store, &stored)
+        let (shown, shown_ts) = codec::stored_to_json(store, &stored, &fields)
             .unwrap_or_else(|e| panic!("get cannot read what {store} stored: {e}"));
         // `get` prints it; that must not fail either.
         serde_json::to_vec(&shown).expect("printing JSON");
         match store {
             StoreFormat::Postcard => {
-                let record = codec::decode_stored(&stored).expect("decode what was stored");
+                let record =
+                    codec::decode_stored(&stored, &fields).expect("decode what was stored");
                 assert_eq!(record.ts_ms, ts_ms);
                 assert_eq!(shown_ts, ts_ms);
                 assert_same(&record.value, &value);
@@ -91,34 +99,46 @@ pub fn check_input(input: InputFormat, payload: &[u8]) {
 }
 
 /// Bytes as read from Redis by `edgecache get`, under every store format,
-/// and the same bytes behind a valid postcard header so the fuzzer does not
-/// have to find the header first.
+/// and the same bytes behind a valid postcard header of each version (with
+/// a small field table) so the fuzzer does not have to find the header
+/// first.
 pub fn check_stored(bytes: &[u8]) {
+    let table = Fields::from_pairs(
+        ["temp_c", "online", "", "é"]
+            .iter()
+            .enumerate()
+            .map(|(id, name)| (id.to_string(), name.to_string())),
+    );
     for store in STORES {
-        if let Ok((json, _)) = codec::stored_to_json(store, bytes) {
+        if let Ok((json, _)) = codec::stored_to_json(store, bytes, &table) {
             serde_json::to_vec(&json).expect("printing JSON");
         }
     }
-    let mut with_header = vec![codec::MAGIC, codec::FORMAT_VERSION];
-    with_header.extend_from_slice(bytes);
-    if let Ok(record) = codec::decode_stored(&with_header) {
-        // What decodes re-encodes to the same bytes (postcard has one
-        // encoding per value, bar overlong varints, so compare values).
-        let mut again = Vec::new();
-        codec::encode_store(
-            StoreFormat::Postcard,
-            &record.value,
-            &[],
-            record.ts_ms,
-            &mut again,
-        )
-        .expect("re-encode a decoded record");
-        let back = codec::decode_stored(&again).expect("decode re-encoded");
-        assert_eq!(back.ts_ms, record.ts_ms);
-        assert_same(&back.value, &record.value);
-        let (json, _) = codec::stored_to_json(StoreFormat::Postcard, &with_header)
-            .expect("decode_stored accepted it");
-        serde_json::to_vec(&json).expect("printing JSON");
+    for version in [codec::FORMAT_V1, codec::FORMAT_VERSION] {
+        let mut with_header = vec![codec::MAGIC, version];
+        with_header.extend_from_slice(bytes);
+        if let Ok(record) = codec::decode_stored(&with_header, &table) {
+            // What decodes re-encodes to bytes that decode to the same
+            // record (postcard has one encoding per value, bar overlong
+            // varints, so compare values).
+            let mut again = Vec::new();
+            let mut fields = table.clone();
+            codec::encode_store(
+                StoreFormat::Postcard,
+                &record.value,
+                &[],
+                record.ts_ms,
+                &mut fields,
+                &mut again,
+            )
+            .expect("re-encode a decoded record");
+            let back = codec::decode_stored(&again, &fields).expect("decode re-encoded");
+            assert_eq!(back.ts_ms, record.ts_ms);
+            assert_same(&back.value, &record.value);
+            let (json, _) = codec::stored_to_json(StoreFormat::Postcard, &with_header, &table)
+                .expect("decode_stored accepted it");
+            serde_json::to_vec(&json).expect("printing JSON");
+        }
     }
 }
 

@@ -412,6 +412,11 @@ impl Redis {
             .collect()
     }
 
+    /// The field table of namespace `ns` (stored format 2).
+    pub fn fields(&self, ns: &str) -> codec::Fields {
+        codec::Fields::from_pairs(self.hgetall(&format!("{ns}:fields")))
+    }
+
     pub fn hgetall(&self, key: &str) -> BTreeMap<String, String> {
         redis::cmd("HGETALL")
             .arg(key)
@@ -492,11 +497,12 @@ pub fn actual_json(
     prefix: &str,
     store: StoreFormat,
 ) -> BTreeMap<Vec<u8>, serde_json::Value> {
-    redis
-        .dump(prefix)
-        .into_iter()
+    let dump = redis.dump(prefix);
+    // After the values: names are written no later than the values using them.
+    let fields = redis.fields("edgecache");
+    dump.into_iter()
         .map(|(k, v)| {
-            let (json, _) = codec::stored_to_json(store, &v).unwrap_or_else(|e| {
+            let (json, _) = codec::stored_to_json(store, &v, &fields).unwrap_or_else(|e| {
                 panic!(
                     "key {} holds bad {store} data: {e}",
                     String::from_utf8_lossy(&k)
