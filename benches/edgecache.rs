@@ -456,10 +456,17 @@ fn machine_facts(bin: &Path) -> Vec<(String, String)> {
             if let Ok(p) = std::env::var("EDGECACHE_BENCH_KAFKA_PROPERTIES") {
                 changed.push(format!("kafka.properties {p}"));
             }
+            let nice = format!(
+                "run at nice {} (as the systemd unit's Nice=; the readers and the naive reference at 0)",
+                agent_nice()
+            );
             if changed.is_empty() {
-                "defaults (see systemd/edgecache.toml), Redis over TCP".into()
+                format!("defaults (see systemd/edgecache.toml), Redis over TCP, {nice}")
             } else {
-                format!("defaults but {}; Redis over TCP", changed.join(", "))
+                format!(
+                    "defaults but {}; Redis over TCP, {nice}",
+                    changed.join(", ")
+                )
             }
         }),
         (
@@ -914,6 +921,20 @@ fn write_config(
     path
 }
 
+/// The niceness the agent runs at: `Nice=` of systemd/edgecache.service,
+/// or `EDGECACHE_BENCH_NICE`.
+fn agent_nice() -> i32 {
+    if let Ok(n) = std::env::var("EDGECACHE_BENCH_NICE") {
+        return n.parse().expect("EDGECACHE_BENCH_NICE is a number");
+    }
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/edgecache.service");
+    std::fs::read_to_string(unit)
+        .expect("read systemd/edgecache.service")
+        .lines()
+        .find_map(|line| line.strip_prefix("Nice="))
+        .map_or(0, |n| n.trim().parse().expect("Nice= is a number"))
+}
+
 /// The agent binary as a child process, its log in a file. SIGKILLed on
 /// drop if still running (a failed bench must not leave it behind).
 struct Agent {
@@ -924,7 +945,11 @@ struct Agent {
 impl Agent {
     fn start(bin: &Path, config: &Path) -> Agent {
         let log = config.with_extension("log");
-        let child = Command::new(bin)
+        // Run as the unit runs it: `nice` execs the agent, so the child's
+        // pid is the agent's.
+        let child = Command::new("nice")
+            .args(["-n", &agent_nice().to_string()])
+            .arg(bin)
             .args(["run", "--config", config.to_str().unwrap()])
             .env("EDGECACHE_LOG", "info")
             .stdout(Stdio::null())

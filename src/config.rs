@@ -74,7 +74,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             memory_budget_mib: 24,
-            max_batch_records: 128,
+            max_batch_records: 96,
             partition_discovery_secs: 30,
             ready_timeout_secs: 60,
         }
@@ -261,7 +261,8 @@ impl Limits {
         Limits {
             memory_budget_bytes: budget,
             max_batch_records: max_batch_records.min(BATCH_CAPACITY),
-            max_batch_bytes: budget / 8,
+            // Two batches exist at once: one in flight to Redis, one filling.
+            max_batch_bytes: budget / 16,
             // At least 1 MiB: every record a topic with Kafka's default
             // max.message.bytes accepts is mirrored, even on a small budget
             // (one such value fits an empty batch whatever its byte cap).

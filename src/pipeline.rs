@@ -18,7 +18,7 @@ use crate::config::{Settings, MAX_KEY_BYTES};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::resync::{self, Resync};
-use crate::sink::{Sink, SinkError};
+use crate::sink::{PendingApply, Sink, SinkError};
 use crate::source::{Event, Incoming, Source, SourceError};
 use futures_util::FutureExt;
 use std::collections::{BTreeMap, BTreeSet};
@@ -148,6 +148,8 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         bad_window: Instant::now(),
         encoded: Vec::new(),
         fields: Fields::new(),
+        in_flight: None,
+        spare: None,
         metrics,
         reported: Reported::default(),
         resync: None,
@@ -212,6 +214,14 @@ async fn await_alive<T>(
     }
 }
 
+/// A batch sent by [`Pipeline::send`], kept until Redis confirmed it: an
+/// unreachable Redis means applying it again, before any later batch.
+struct InFlight {
+    batch: Batch,
+    started: Instant,
+    pending: PendingApply,
+}
+
 struct Pipeline<'s> {
     settings: &'s Settings,
     sink: Sink,
@@ -246,6 +256,12 @@ struct Pipeline<'s> {
     /// The namespace's field table (stored format 2), as loaded with the
     /// marker and grown by the values encoded since.
     fields: Fields,
+    /// The batch sent to Redis whose reply is still to come (at most one;
+    /// see [`Pipeline::send`]).
+    in_flight: Option<InFlight>,
+    /// An empty batch to swap in when one is taken out (keeps the batch's
+    /// fixed-capacity map allocated once).
+    spare: Option<Batch>,
     resync: Option<Resync>,
     /// When every partition was last known read to its end (Unix ms); see
     /// `resync`.
@@ -325,7 +341,16 @@ impl Pipeline<'_> {
                     Flow::Rehydrated | Flow::Continue => {}
                 }
             }
-            if self.flush(source).await == Flow::Stop {
+            // A full batch stopped the loop above, so more records are
+            // probably buffered: send it and decode them while Redis runs
+            // its script. Otherwise everything buffered is in the batch:
+            // apply it and wait, so state and lag are current when idle.
+            let flow = if self.batch.is_full_for(0, 0) {
+                self.send(source).await
+            } else {
+                self.flush(source).await
+            };
+            if flow == Flow::Stop {
                 break;
             }
         }
@@ -568,7 +593,7 @@ impl Pipeline<'_> {
         let redis_key = redis_key(&topic.key_prefix, key);
         let value_len = crate::batch::op_len(&op);
         if self.batch.is_full_for(redis_key.len(), value_len) {
-            match self.flush(source).await {
+            match self.send(source).await {
                 Flow::Continue => {}
                 // The record belongs to the old assignment or we are stopping.
                 other => return other,
@@ -600,7 +625,7 @@ impl Pipeline<'_> {
         let redis_key = redis_key(&topic.key_prefix, key);
         let seen = incoming.payload().is_some();
         if self.batch.is_full_for(redis_key.len(), 0) {
-            match self.flush(source).await {
+            match self.send(source).await {
                 Flow::Continue => {}
                 other => return other,
             }
@@ -638,45 +663,107 @@ impl Pipeline<'_> {
         Flow::Continue
     }
 
-    /// Applies the batch, retrying until Redis takes it (G6), or rehydrates
-    /// when Redis lost our state (G4).
+    /// Applies the batch and waits for Redis's reply, after the batch in
+    /// flight; retries until Redis takes it (G6), or rehydrates when Redis
+    /// lost our state (G4).
     async fn flush(&mut self, source: &Source) -> Flow {
-        if self.batch.is_empty() {
-            return Flow::Continue;
+        let flow = self.settle_in_flight(source).await;
+        if flow != Flow::Continue || self.batch.is_empty() {
+            return flow;
         }
+        let mut batch = self.take_batch();
+        let flow = self.apply_retrying(source, &mut batch, None).await;
+        self.return_batch(batch);
+        flow
+    }
+
+    /// Sends the batch without waiting for Redis's reply, so the next batch
+    /// is decoded while Redis runs this one's script (during a rehydrate
+    /// the two take similar time, on different cores). The batch sent
+    /// before is settled first: one apply at most is in flight, so batches
+    /// reach Redis in order and one that failed is applied again before
+    /// any later one.
+    async fn send(&mut self, source: &Source) -> Flow {
+        let flow = self.settle_in_flight(source).await;
+        if flow != Flow::Continue || self.batch.is_empty() {
+            return flow;
+        }
+        let mut batch = self.take_batch();
+        match self.sink.submit(&batch, &self.fields).await {
+            Ok(pending) => {
+                self.in_flight = Some(InFlight {
+                    batch,
+                    started: Instant::now(),
+                    pending,
+                });
+                // Let the connection's task write the command now rather
+                // than when this task next waits, maybe a batch later.
+                tokio::task::yield_now().await;
+                Flow::Continue
+            }
+            Err(e) => {
+                let flow = self.apply_retrying(source, &mut batch, Some(e)).await;
+                self.return_batch(batch);
+                flow
+            }
+        }
+    }
+
+    /// Waits for the batch in flight, if any, and settles it.
+    async fn settle_in_flight(&mut self, source: &Source) -> Flow {
+        let Some(InFlight {
+            mut batch,
+            started,
+            mut pending,
+        }) = self.in_flight.take()
+        else {
+            return Flow::Continue;
+        };
+        let mut stop = self.stop.clone();
+        let result = tokio::select! {
+            _ = stop.wait_for(|s| *s) => {
+                // Shutdown gives it a last chance.
+                self.in_flight = Some(InFlight { batch, started, pending });
+                return Flow::Stop;
+            }
+            joined = &mut pending => crate::sink::finish(joined),
+        };
+        self.sink.settle(&result);
+        let flow = match result {
+            Ok(()) => {
+                self.applied(source, &batch, started).await;
+                Flow::Continue
+            }
+            Err(e) => self.apply_retrying(source, &mut batch, Some(e)).await,
+        };
+        self.return_batch(batch);
+        flow
+    }
+
+    /// Applies `batch` until Redis takes it; `failed` is the error of an
+    /// attempt already made.
+    async fn apply_retrying(
+        &mut self,
+        source: &Source,
+        batch: &mut Batch,
+        mut failed: Option<SinkError>,
+    ) -> Flow {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let started = Instant::now();
-            let mut stop = self.stop.clone();
-            let result = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return Flow::Stop,
-                result = self.sink.apply(&self.batch, &self.fields) => result,
+            let result = match failed.take() {
+                Some(e) => Err(e),
+                None => {
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return Flow::Stop,
+                        result = self.sink.apply(batch, &self.fields) => result,
+                    }
+                }
             };
             match result {
                 Ok(()) => {
-                    self.metrics.applied(&self.batch, started.elapsed());
-                    debug!(
-                        n_ops = self.batch.n_ops(),
-                        n_records = self.batch.counts().records,
-                        micros = started.elapsed().as_micros() as u64,
-                        "applied"
-                    );
-                    for (&partition, &next) in self.batch.next_offsets() {
-                        self.positions.insert(partition, Start::At(next));
-                    }
-                    let counts = self.batch.counts();
-                    self.records_since_start += counts.records + counts.noted;
-                    self.batch.clear();
-                    self.last_apply = Instant::now();
-                    if self.state == State::RedisUnreachable {
-                        info!("Redis reachable again");
-                        self.state = self.reachable_state();
-                    }
-                    if !self.caught_up && !source.brokers_down() && self.applied_all_fetched(source)
-                    {
-                        self.go_live();
-                        self.write_state().await;
-                    }
+                    self.applied(source, batch, started).await;
                     return Flow::Continue;
                 }
                 Err(SinkError::Lost) => return self.rehydrate(source).await,
@@ -695,12 +782,59 @@ impl Pipeline<'_> {
         }
     }
 
+    /// Bookkeeping once Redis applied `batch`.
+    async fn applied(&mut self, source: &Source, batch: &Batch, started: Instant) {
+        self.metrics.applied(&batch, started.elapsed());
+        debug!(
+            n_ops = batch.n_ops(),
+            n_records = batch.counts().records,
+            micros = started.elapsed().as_micros() as u64,
+            "applied"
+        );
+        for (&partition, &next) in batch.next_offsets() {
+            self.positions.insert(partition, Start::At(next));
+        }
+        let counts = batch.counts();
+        self.records_since_start += counts.records + counts.noted;
+        self.last_apply = Instant::now();
+        if self.state == State::RedisUnreachable {
+            info!("Redis reachable again");
+            self.state = self.reachable_state();
+        }
+        if !self.caught_up && !source.brokers_down() && self.applied_all_fetched(source) {
+            self.go_live();
+            self.write_state().await;
+        }
+    }
+
+    /// The batch to apply, leaving an empty one to fill.
+    fn take_batch(&mut self) -> Batch {
+        let limits = &self.settings.limits;
+        let empty = self
+            .spare
+            .take()
+            .unwrap_or_else(|| Batch::new(limits.max_batch_records, limits.max_batch_bytes));
+        std::mem::replace(&mut self.batch, empty)
+    }
+
+    fn return_batch(&mut self, mut batch: Batch) {
+        batch.clear();
+        self.spare = Some(batch);
+    }
+
+    /// Nothing waits to be applied or confirmed.
+    fn idle(&self) -> bool {
+        self.batch.is_empty() && self.in_flight.is_none()
+    }
+
     /// Redis no longer holds our state: drop the batch, recreate the marker,
     /// and read every partition again from the earliest offset.
     async fn rehydrate(&mut self, source: &Source) -> Flow {
         warn!("Redis lost the agent's state (flushed, restarted without persistence, or replaced): rehydrating from the earliest offsets");
         self.metrics.rehydrated();
         self.batch.clear();
+        // Its script fails on the marker check if it has not run yet.
+        self.in_flight = None;
         if self.resync.take().is_some() {
             info!("the resync is moot: everything is read again anyway");
         }
@@ -757,15 +891,13 @@ impl Pipeline<'_> {
                 info!("Kafka reachable again");
                 self.state = self.reachable_state();
             }
-            if !self.caught_up && self.batch.is_empty() {
+            if !self.caught_up && self.idle() {
                 self.check_caught_up(source);
             } else if self.caught_up {
                 self.lag = self.lag(source).or(self.lag);
             }
             self.poll_retention(source);
-            if self.batch.is_empty()
-                && self.lag == Some(0)
-                && self.missed_deletes(source).await == Flow::Stop
+            if self.idle() && self.lag == Some(0) && self.missed_deletes(source).await == Flow::Stop
             {
                 return Flow::Stop;
             }
@@ -1242,20 +1374,26 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Finishes the batch in hand if Redis takes it within two seconds,
-    /// otherwise abandons it: its offsets were not stored, so it is read
-    /// again after the restart and nothing is lost.
+    /// Finishes the batch in flight and the one in hand if Redis takes
+    /// them within two seconds, otherwise abandons them: their offsets were
+    /// not stored, so they are read again after the restart and nothing is
+    /// lost. The one in hand is never applied without the one before it.
     async fn shutdown(&mut self) {
         self.notify.stopping();
         // Only reached once shutdown was asked; a Redis known to be down is
         // not worth the two seconds.
-        if !self.batch.is_empty() && self.state != State::RedisUnreachable {
-            match tokio::time::timeout(
-                Duration::from_secs(2),
-                self.sink.apply(&self.batch, &self.fields),
-            )
-            .await
-            {
+        if self.state != State::RedisUnreachable && !self.idle() {
+            let finished = tokio::time::timeout(Duration::from_secs(2), async {
+                if let Some(in_flight) = self.in_flight.take() {
+                    crate::sink::finish(in_flight.pending.await)?;
+                }
+                if !self.batch.is_empty() {
+                    self.sink.apply(&self.batch, &self.fields).await?;
+                }
+                Ok::<(), SinkError>(())
+            })
+            .await;
+            match finished {
                 Ok(Ok(())) => info!("applied the last batch"),
                 _ => info!("abandoned the in-flight batch; it is read again after restart"),
             }

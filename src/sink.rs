@@ -26,21 +26,24 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 const APPLY_SCRIPT: &str = r#"
 -- KEYS[1] marker, KEYS[2] offsets hash, KEYS[3] status hash, KEYS[4] resync
--- seen set, KEYS[5] field table, KEYS[6..] data keys
+-- seen set, KEYS[5] field table, KEYS[6..] data keys: first n_sets keys to
+-- SET, then n_dels keys to DEL, then keys with an op each.
 -- ARGV[1] token, ARGV[2] n_offsets, ARGV[3] n_counters, ARGV[4] now_ms,
 -- ARGV[5] channel to PUBLISH changes on ('' for none), ARGV[6] n_fields,
+-- ARGV[7] n_sets, ARGV[8] n_dels,
 -- then n_fields (number, name) pairs of the field table that the values
 -- use, n_offsets (field, next offset) pairs, n_counters (name, delta) pairs,
--- then one (op, value) pair per data key: op "s" = SET value, "d" = DEL,
--- "x<ms>" = SET value expiring at Unix time <ms>. During a resync: the same
--- op in upper case ("S", "D", "X<ms>") also adds the key to the seen set
--- (removes it for "D"); "n" / "u" only add / remove it, writing nothing.
+-- n_sets values, then one (op, value) pair per remaining key: op "s" = SET
+-- value, "d" = DEL, "x<ms>" = SET value expiring at Unix time <ms>. During
+-- a resync: the same op in upper case ("S", "D", "X<ms>") also adds the key
+-- to the seen set (removes it for "D"); "n" / "u" only add / remove it,
+-- writing nothing.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
 end
 local channel = ARGV[5]
 local n_fields = tonumber(ARGV[6])
-local a = 7
+local a = 9
 -- Every check before the first write: a script that errors keeps what it
 -- already wrote.
 for i = 1, n_fields do
@@ -54,7 +57,7 @@ for i = 1, n_fields do
   a = a + 2
 end
 if n_fields > 0 then
-  redis.call('HSET', KEYS[5], unpack(ARGV, 7, a - 1))
+  redis.call('HSET', KEYS[5], unpack(ARGV, 9, a - 1))
 end
 for i = 1, tonumber(ARGV[2]) do
   redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 1])
@@ -64,7 +67,42 @@ for i = 1, tonumber(ARGV[3]) do
   redis.call('HINCRBY', KEYS[3], ARGV[a], ARGV[a + 1])
   a = a + 2
 end
-for k = 6, #KEYS do
+-- Plain writes, many keys per call (a call from Lua costs more than a key);
+-- unpack() is bounded by Lua's C stack, hence chunks.
+local k = 6
+local n = tonumber(ARGV[7])
+local done = 0
+while done < n do
+  local chunk = math.min(n - done, 500)
+  local args = {}
+  for j = 0, chunk - 1 do
+    args[2 * j + 1] = KEYS[k + done + j]
+    args[2 * j + 2] = ARGV[a + done + j]
+  end
+  redis.call('MSET', unpack(args))
+  done = done + chunk
+end
+if channel ~= '' then
+  for j = k, k + n - 1 do
+    redis.call('PUBLISH', channel, 'set ' .. KEYS[j])
+  end
+end
+a = a + n
+k = k + n
+n = tonumber(ARGV[8])
+done = 0
+while done < n do
+  local chunk = math.min(n - done, 500)
+  redis.call('DEL', unpack(KEYS, k + done, k + done + chunk - 1))
+  done = done + chunk
+end
+if channel ~= '' then
+  for j = k, k + n - 1 do
+    redis.call('PUBLISH', channel, 'del ' .. KEYS[j])
+  end
+end
+k = k + n
+for k = k, #KEYS do
   local op = ARGV[a]
   local c = string.sub(op, 1, 1)
   if c == 'n' then
@@ -167,6 +205,16 @@ impl From<redis::RedisError> for SinkError {
             SinkError::Refused(e.to_string())
         }
     }
+}
+
+/// An apply sent by [`Sink::submit`], its reply still to come.
+pub type PendingApply = tokio::task::JoinHandle<Result<(), SinkError>>;
+
+/// The outcome of a [`PendingApply`].
+pub fn finish(
+    joined: Result<Result<(), SinkError>, tokio::task::JoinError>,
+) -> Result<(), SinkError> {
+    joined.unwrap_or_else(|e| Err(SinkError::Unreachable(format!("apply task ended: {e}"))))
 }
 
 /// What [`Sink::init`] found.
@@ -439,13 +487,30 @@ impl Sink {
         Ok(current.as_deref() == Some(self.token.as_str()))
     }
 
-    /// Applies a batch atomically with its offsets and counters (G2, G4).
+    /// Applies a batch atomically with its offsets and counters (G2, G4)
+    /// and waits for Redis's reply.
+    pub async fn apply(&mut self, batch: &Batch, fields: &Fields) -> Result<(), SinkError> {
+        let pending = self.submit(batch, fields).await?;
+        let result = finish(pending.await);
+        self.settle(&result);
+        result
+    }
+
+    /// Sends a batch's apply script and returns without waiting for the
+    /// reply, so the caller can prepare the next batch while Redis runs this
+    /// one. The command is queued on the connection at once, so calls reach
+    /// Redis in order. Pass the reply (through [`finish`]) to
+    /// [`Sink::settle`].
     ///
     /// The EVALSHA command is built directly: redis-rs's `ScriptInvocation`
     /// keeps every key and argument in a `Vec` of its own and copies them
     /// all again into the command, two allocations and two copies per
     /// record that showed up in the rehydrate profile (BENCHMARKS.md).
-    pub async fn apply(&mut self, batch: &Batch, fields: &Fields) -> Result<(), SinkError> {
+    pub async fn submit(
+        &mut self,
+        batch: &Batch,
+        fields: &Fields,
+    ) -> Result<PendingApply, SinkError> {
         let mut connection = self.connection().await?;
         let counts = batch.counts();
         let counters: Vec<(&str, u64)> =
@@ -464,9 +529,24 @@ impl Sink {
             .fields()
             .filter_map(|id| Some((id, fields.name(id)?)))
             .collect();
+        // Keys of topics being resynced need the seen set too: they take
+        // the general path, with an op each.
+        let tracked = |key: &[u8]| {
+            !self.tracked.is_empty() && self.tracked.iter().any(|prefix| key.starts_with(prefix))
+        };
+        // 0: a plain SET, 1: a plain DEL, 2: the rest; keys go in that order.
+        let group = |key: &[u8], op: &Op| match op {
+            _ if tracked(key) => 2,
+            Op::Set(_) => 0,
+            Op::Delete => 1,
+            _ => 2,
+        };
+        let n_sets = batch.ops().filter(|(k, op)| group(k, op) == 0).count();
+        let n_dels = batch.ops().filter(|(k, op)| group(k, op) == 1).count();
+        let n_general = batch.n_ops() - n_sets - n_dels;
         let n_keys = 5 + batch.n_ops();
         let n_args =
-            6 + 2 * (used.len() + batch.next_offsets().len() + counters.len() + batch.n_ops());
+            8 + 2 * (used.len() + batch.next_offsets().len() + counters.len() + n_general) + n_sets;
         // Every key and value plus a few bytes per op and the meta arguments.
         let n_bytes = batch.n_bytes() + 24 * batch.n_ops() + 512;
         let mut command = redis::Cmd::with_capacity(3 + n_keys + n_args, n_bytes);
@@ -479,8 +559,10 @@ impl Sink {
             .arg(&self.keys.status)
             .arg(&self.keys.seen)
             .arg(&self.keys.fields);
-        for (key, _) in batch.ops() {
-            command.arg(key.as_slice());
+        for which in 0..3 {
+            for (key, _) in batch.ops().filter(|(k, op)| group(k, op) == which) {
+                command.arg(key.as_slice());
+            }
         }
         command
             .arg(&self.token)
@@ -488,7 +570,9 @@ impl Sink {
             .arg(counters.len())
             .arg(now_ms())
             .arg(self.publish_channel.as_deref().unwrap_or(""))
-            .arg(used.len());
+            .arg(used.len())
+            .arg(n_sets)
+            .arg(n_dels);
         for (id, name) in used {
             command.arg(id).arg(name);
         }
@@ -500,10 +584,13 @@ impl Sink {
         for (name, delta) in counters {
             command.arg(name).arg(delta);
         }
-        for (key, op) in batch.ops() {
-            let tracked = !self.tracked.is_empty()
-                && self.tracked.iter().any(|prefix| key.starts_with(prefix));
-            match (op, tracked) {
+        for (_, op) in batch.ops().filter(|(k, op)| group(k, op) == 0) {
+            if let Op::Set(value) = op {
+                command.arg(value.as_slice());
+            }
+        }
+        for (key, op) in batch.ops().filter(|(k, op)| group(k, op) == 2) {
+            match (op, tracked(key)) {
                 (Op::Set(value), false) => command.arg("s").arg(value.as_slice()),
                 (Op::Set(value), true) => command.arg("S").arg(value.as_slice()),
                 (Op::SetUntil(value, at_ms), false) => {
@@ -518,25 +605,31 @@ impl Sink {
                 (Op::Unseen, _) => command.arg("u").arg(""),
             };
         }
-        let mut result = command.query_async::<i64>(&mut connection).await;
-        // A Redis that restarted or ran SCRIPT FLUSH no longer has the
-        // script cached: load it and send the same command again.
-        if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
-            let loaded = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(APPLY_SCRIPT)
-                .query_async::<String>(&mut connection)
-                .await;
-            result = match loaded {
-                Ok(_) => command.query_async::<i64>(&mut connection).await,
-                Err(e) => Err(e),
-            };
-        }
-        let result = result.map_err(SinkError::from);
+        Ok(tokio::spawn(async move {
+            let mut result = command.query_async::<i64>(&mut connection).await;
+            // A Redis that restarted or ran SCRIPT FLUSH no longer has the
+            // script cached: load it and send the same command again.
+            if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
+                let loaded = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(APPLY_SCRIPT)
+                    .query_async::<String>(&mut connection)
+                    .await;
+                result = match loaded {
+                    Ok(_) => command.query_async::<i64>(&mut connection).await,
+                    Err(e) => Err(e),
+                };
+            }
+            result.map(|_| ()).map_err(SinkError::from)
+        }))
+    }
+
+    /// Takes note of an apply's outcome: after a connection failure the
+    /// next call reconnects.
+    pub fn settle(&mut self, result: &Result<(), SinkError>) {
         if matches!(result, Err(SinkError::Unreachable(_))) {
             self.connection = None;
         }
-        result.map(|_| ())
     }
 
     /// Sets fields of the status hash (state, errors); best effort.

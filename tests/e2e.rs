@@ -169,6 +169,42 @@ fn c_sigkill_mid_stream_converges() {
     assert_eq!(stored_offsets_sum(&redis, &topic), producer.n_sent);
 }
 
+/// The largest batches: the apply script writes plain SETs and DELs many
+/// keys per call, in chunks (Lua's unpack() is bounded), so a 4096-key
+/// batch takes several MSETs; the result is the same mirror.
+#[test]
+fn largest_batches_apply_in_chunks() {
+    let topic = unique("big-batch");
+    create_topic(&topic, 1);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(redis.url(), &topic, "device:");
+    config.extra_agent = "max_batch_records = 4096".into();
+    let config = config.write(dir.path());
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(4096);
+    // Many keys, so batches hold thousands of distinct ones.
+    producer.random_states(&mut rng, 40_000, 20_000);
+    producer.flush();
+    let _agent = Agent::start(&config);
+    converges(&redis, &producer);
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap();
+    let calls = |command: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        calls("mset") > calls("evalsha") + calls("eval"),
+        "no batch was split into several MSETs:\n{stats}"
+    );
+}
+
 /// (d) FLUSHALL while running: the agent notices by itself (no new records
 /// arrive), rehydrates from the earliest offsets, without a restart.
 #[test]

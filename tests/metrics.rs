@@ -128,7 +128,7 @@ fn metrics_match_what_was_applied() {
         keys_written >= 300.0 && keys_written <= producer.n_sent as f64,
         "{keys_written}"
     );
-    // The default max_batch_records is 128: no batch writes more keys.
+    // The default max_batch_records is 96: no batch writes more keys.
     // The backlog of 3,000 records over 300 keys fills batches to the cap.
     assert!(metrics["edgecache_batch_keys_bucket{le=\"64\"}"] < batches);
     assert_eq!(metrics["edgecache_batch_keys_bucket{le=\"128\"}"], batches);
