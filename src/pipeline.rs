@@ -784,7 +784,7 @@ impl Pipeline<'_> {
 
     /// Bookkeeping once Redis applied `batch`.
     async fn applied(&mut self, source: &Source, batch: &Batch, started: Instant) {
-        self.metrics.applied(&batch, started.elapsed());
+        self.metrics.applied(batch, started.elapsed());
         debug!(
             n_ops = batch.n_ops(),
             n_records = batch.counts().records,
