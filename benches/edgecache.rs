@@ -439,6 +439,7 @@ fn machine_facts(bin: &Path) -> Vec<(String, String)> {
                 .trim_start_matches("v=")
                 .to_owned(),
         ),
+        ("Kafka broker JVM".into(), broker_jvm()),
         (
             "load average at start".into(),
             std::fs::read_to_string("/proc/loadavg")
@@ -478,6 +479,25 @@ fn machine_facts(bin: &Path) -> Vec<(String, String)> {
             ),
         ),
     ]
+}
+
+/// The JVM options of the broker `tests/services.sh kafka-start` runs (its
+/// pid file), which weigh on produce latency: the tests' fast-start flags
+/// (C1 only, serial GC) or Kafka's own server defaults (BENCHMARKS.md).
+fn broker_jvm() -> String {
+    let run = std::env::var("EDGECACHE_RUN").unwrap_or_else(|_| "/tmp/edgecache-run".into());
+    let cmdline = std::fs::read_to_string(format!("{run}/kafka/kafka.pid"))
+        .ok()
+        .and_then(|pid| std::fs::read(format!("/proc/{}/cmdline", pid.trim())).ok());
+    match cmdline {
+        Some(bytes) => bytes
+            .split(|&b| b == 0)
+            .map(String::from_utf8_lossy)
+            .filter(|arg| arg.starts_with("-X") || arg == "-server")
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => "unknown (not started by tests/services.sh)".into(),
+    }
 }
 
 /// `Field:   1234 kB` from a /proc file.

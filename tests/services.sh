@@ -2,7 +2,10 @@
 # Services for the real-Kafka tests, CI and the demo. No Docker here: Kafka runs
 # straight from Maven Central jars on the machine's JVM.
 #   deps          install missing tools + fetch the Kafka jars (idempotent)
-#   kafka-start   single-node KRaft broker+controller on loopback (idempotent)
+#   kafka-start   single-node KRaft broker+controller on loopback (idempotent),
+#                 with fast-start JVM flags (EDGECACHE_KAFKA_JVM_OPTS overrides)
+#   kafka-start-bench  the same broker (restarted if running) with the JVM
+#                 options of Kafka's own kafka-server-start.sh, for benchmarks
 #   kafka-stop    stop it
 #   kafka-resume  start a stopped broker again, keeping its data
 #   kafka-status  exit 0 if the broker answers
@@ -299,6 +302,13 @@ kafka_stop() {
 case ${1:-} in
   deps) deps ;;
   kafka-start) kafka_start ;;
+  kafka-start-bench)
+    # Kafka's server defaults (bin/kafka-server-start.sh, kafka-run-class.sh):
+    # full JIT and G1 with 20 ms pause goals. The tests' C1-only, serial-GC
+    # broker starts faster but adds GC pauses to every produce latency.
+    kafka_stop
+    EDGECACHE_KAFKA_JVM_OPTS="-Xmx1G -Xms1G -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15"
+    kafka_start ;;
   kafka-stop) kafka_stop ;;
   kafka-resume) kafka_resume ;;
   kafka-status) port_open "$PORT" ;;
