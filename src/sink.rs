@@ -217,6 +217,28 @@ pub fn finish(
     joined.unwrap_or_else(|e| Err(SinkError::Unreachable(format!("apply task ended: {e}"))))
 }
 
+/// Runs an apply command. A Redis that restarted or ran SCRIPT FLUSH no
+/// longer has the script cached: then it loads it and sends the same
+/// command again.
+async fn run_apply(
+    mut connection: MultiplexedConnection,
+    command: redis::Cmd,
+) -> Result<(), SinkError> {
+    let mut result = command.query_async::<i64>(&mut connection).await;
+    if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
+        let loaded = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(APPLY_SCRIPT)
+            .query_async::<String>(&mut connection)
+            .await;
+        result = match loaded {
+            Ok(_) => command.query_async::<i64>(&mut connection).await,
+            Err(e) => Err(e),
+        };
+    }
+    result.map(|_| ()).map_err(SinkError::from)
+}
+
 /// What [`Sink::init`] found.
 #[derive(Debug)]
 pub struct InitOutcome {
@@ -489,29 +511,38 @@ impl Sink {
 
     /// Applies a batch atomically with its offsets and counters (G2, G4)
     /// and waits for Redis's reply.
+    /// Awaited in place, not spawned: the live path applies small batches
+    /// one at a time, and a task hand-off per batch is one more wake-up on a
+    /// busy CPU.
     pub async fn apply(&mut self, batch: &Batch, fields: &Fields) -> Result<(), SinkError> {
-        let pending = self.submit(batch, fields).await?;
-        let result = finish(pending.await);
+        let connection = self.connection().await?;
+        let command = self.apply_command(batch, fields);
+        let result = run_apply(connection, command).await;
         self.settle(&result);
         result
     }
 
-    /// Sends a batch's apply script and returns without waiting for the
-    /// reply, so the caller can prepare the next batch while Redis runs this
-    /// one. The command is queued on the connection at once, so calls reach
-    /// Redis in order. Pass the reply (through [`finish`]) to
-    /// [`Sink::settle`].
-    ///
-    /// The EVALSHA command is built directly: redis-rs's `ScriptInvocation`
-    /// keeps every key and argument in a `Vec` of its own and copies them
-    /// all again into the command, two allocations and two copies per
-    /// record that showed up in the rehydrate profile (BENCHMARKS.md).
+    /// Sends a batch's apply script from a task of its own and returns
+    /// without waiting for the reply, so the caller can prepare the next
+    /// batch while Redis runs this one. Order is the caller's: it submits
+    /// nothing else before this one's reply. Pass the reply (through
+    /// [`finish`]) to [`Sink::settle`].
     pub async fn submit(
         &mut self,
         batch: &Batch,
         fields: &Fields,
     ) -> Result<PendingApply, SinkError> {
-        let mut connection = self.connection().await?;
+        let connection = self.connection().await?;
+        let command = self.apply_command(batch, fields);
+        Ok(tokio::spawn(run_apply(connection, command)))
+    }
+
+    /// The EVALSHA of [`APPLY_SCRIPT`] for a batch, built directly:
+    /// redis-rs's `ScriptInvocation` keeps every key and argument in a `Vec`
+    /// of its own and copies them all again into the command, two
+    /// allocations and two copies per record that showed up in the
+    /// rehydrate profile (BENCHMARKS.md).
+    fn apply_command(&self, batch: &Batch, fields: &Fields) -> redis::Cmd {
         let counts = batch.counts();
         let counters: Vec<(&str, u64)> =
             [("records", counts.records), ("filtered", counts.filtered)]
@@ -605,23 +636,7 @@ impl Sink {
                 (Op::Unseen, _) => command.arg("u").arg(""),
             };
         }
-        Ok(tokio::spawn(async move {
-            let mut result = command.query_async::<i64>(&mut connection).await;
-            // A Redis that restarted or ran SCRIPT FLUSH no longer has the
-            // script cached: load it and send the same command again.
-            if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
-                let loaded = redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(APPLY_SCRIPT)
-                    .query_async::<String>(&mut connection)
-                    .await;
-                result = match loaded {
-                    Ok(_) => command.query_async::<i64>(&mut connection).await,
-                    Err(e) => Err(e),
-                };
-            }
-            result.map(|_| ()).map_err(SinkError::from)
-        }))
+        command
     }
 
     /// Takes note of an apply's outcome: after a connection failure the
