@@ -1347,12 +1347,60 @@ struct LiveRate {
     /// broker ack → readable, µs: roughly the agent's share (fetch, decode,
     /// apply). Negative when the agent was faster than the ack's way back.
     ack_to_readable: Vec<i64>,
+    /// The agent's histogram of record age at apply over this phase:
+    /// (upper bound in seconds, cumulative count), `+Inf` last.
+    agent_ages: Vec<(f64, u64)>,
+}
+
+/// `edgecache_live_record_age_seconds` buckets scraped from the agent.
+fn live_ages(port: u16) -> Vec<(f64, u64)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("edgecache_live_record_age_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound under which a share `q` of the observations fall:
+/// an upper bound of that quantile, in ms.
+fn bucket_quantile_ms(buckets: &[(f64, u64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0, |b| b.1);
+    buckets
+        .iter()
+        .find(|(_, n)| *n as f64 >= q * total as f64 && total > 0)
+        .map_or(f64::NAN, |(le, _)| le * 1000.0)
 }
 
 fn live_latency(bin: &Path, brokers: &str, topic: &str, dir: &Path, secs: u64) -> Vec<LiveRate> {
     create_topic(brokers, topic);
     let redis = Redis::start();
     let config = write_config(dir, brokers, &redis.url(), topic, "lat:", "postcard");
+    // The agent's own view of freshness (edgecache_live_record_age_seconds),
+    // next to the subscriber's: it leaves out the notification's way to
+    // this process.
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+    ));
+    std::fs::write(&config, text).unwrap();
 
     // Sequence ranges: a warm-up (not reported), then each rate.
     let rates = [1_000u64, 20_000];
@@ -1460,6 +1508,7 @@ fn live_latency(bin: &Path, brokers: &str, topic: &str, dir: &Path, secs: u64) -
     let mut results = Vec::new();
     for (phase, &(from, to)) in ranges.iter().enumerate() {
         let rate = if phase == 0 { 200 } else { rates[phase - 1] };
+        let ages_before = live_ages(metrics_port);
         // Paced against a schedule (not sleep-per-record): sleeps overshoot by
         // tens of µs, so a late record is sent at once and the mean rate holds.
         let t0 = Instant::now();
@@ -1505,12 +1554,19 @@ fn live_latency(bin: &Path, brokers: &str, topic: &str, dir: &Path, secs: u64) -
             to - from,
             pct(&mut readable.clone(), 0.99) as f64 / 1000.0
         ));
+        let ages_after = live_ages(metrics_port);
+        let agent_ages: Vec<(f64, u64)> = ages_after
+            .iter()
+            .zip(&ages_before)
+            .map(|(&(le, after), &(_, before))| (le, after.saturating_sub(before)))
+            .collect();
         results.push(LiveRate {
             rate,
             sent: to - from,
             produce_to_readable: readable,
             produce_to_ack: acked,
             ack_to_readable,
+            agent_ages,
         });
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -1826,13 +1882,16 @@ impl Table {
                     pct(&mut v, 1.0) as f64 / 1000.0
                 ),
                 format!(
-                    "{} of {} records seen; produce → broker ack p50 {:.2} / p99 {:.2} ms; ack → readable p50 {:.2} / p99 {:.2} ms",
+                    "{} of {} records seen; produce → broker ack p50 {:.2} / p99 {:.2} ms; ack → readable p50 {:.2} / p99 {:.2} ms; the agent's own record age at apply (its metric, {} records): p50 ≤ {} / p99 ≤ {} ms",
                     l.produce_to_readable.len(),
                     l.sent,
                     pct(&mut a, 0.5) as f64 / 1000.0,
                     pct(&mut a, 0.99) as f64 / 1000.0,
                     pct(&mut d, 0.5) as f64 / 1000.0,
-                    pct(&mut d, 0.99) as f64 / 1000.0
+                    pct(&mut d, 0.99) as f64 / 1000.0,
+                    l.agent_ages.last().map_or(0, |b| b.1),
+                    bucket_quantile_ms(&l.agent_ages, 0.5),
+                    bucket_quantile_ms(&l.agent_ages, 0.99)
                 ),
             );
         }

@@ -77,6 +77,9 @@ pub struct Batch {
     n_bytes: usize,
     max_records: usize,
     max_bytes: usize,
+    /// The oldest Kafka timestamp among the records put (ms since the
+    /// epoch), for the metrics' record age.
+    oldest_ts_ms: Option<i64>,
     /// Field-table numbers the batch's values refer to (a bit per number):
     /// the apply script writes those entries with the values.
     fields: [u64; MAX_FIELDS / 64],
@@ -91,6 +94,7 @@ impl Batch {
             n_bytes: 0,
             max_records: max_records.clamp(1, BATCH_CAPACITY),
             max_bytes,
+            oldest_ts_ms: None,
             fields: [0; MAX_FIELDS / 64],
         }
     }
@@ -189,6 +193,16 @@ impl Batch {
         self.n_bytes
     }
 
+    /// Notes a put record's Kafka timestamp (see [`Batch::oldest_ts_ms`]).
+    pub fn note_timestamp(&mut self, ts_ms: i64) {
+        self.oldest_ts_ms = Some(self.oldest_ts_ms.map_or(ts_ms, |t| t.min(ts_ms)));
+    }
+
+    /// The oldest timestamp noted since the batch was cleared.
+    pub fn oldest_ts_ms(&self) -> Option<i64> {
+        self.oldest_ts_ms
+    }
+
     /// Notes that a value in the batch refers to field number `id`.
     pub fn use_field(&mut self, id: u32) {
         let id = id as usize;
@@ -207,6 +221,7 @@ impl Batch {
     }
 
     pub fn clear(&mut self) {
+        self.oldest_ts_ms = None;
         self.fields = [0; MAX_FIELDS / 64];
         self.ops.clear();
         self.next_offsets.clear();

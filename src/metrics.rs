@@ -34,6 +34,11 @@ const APPLY_BUCKETS_US: [u64; 13] = [
     5_000_000,
 ];
 
+/// Upper bounds of the live record age histogram, in milliseconds.
+const AGE_BUCKETS_MS: [u64; 13] = [
+    1, 2, 5, 10, 20, 50, 100, 250, 1_000, 5_000, 30_000, 300_000, 3_600_000,
+];
+
 const STATES: [State; 7] = [
     State::Starting,
     State::Rehydrating,
@@ -65,11 +70,16 @@ impl<const N: usize> Histogram<N> {
     }
 
     fn observe(&self, value: u64) {
+        self.observe_n(value, 1);
+    }
+
+    /// `n` observations of the same value.
+    fn observe_n(&self, value: u64, n: u64) {
         if let Some(i) = self.bounds.iter().position(|&b| value <= b) {
-            self.counts[i].fetch_add(1, Relaxed);
+            self.counts[i].fetch_add(n, Relaxed);
         }
-        self.count.fetch_add(1, Relaxed);
-        self.sum.fetch_add(value, Relaxed);
+        self.count.fetch_add(n, Relaxed);
+        self.sum.fetch_add(value.saturating_mul(n), Relaxed);
     }
 
     /// Renders `name_bucket`, `_sum`, `_count`; values divided by `scale`
@@ -105,6 +115,7 @@ pub struct Metrics {
     records_skipped: [AtomicU64; 3],
     batches: Histogram<13>,
     apply_us: Histogram<13>,
+    live_age_ms: Histogram<13>,
     redis_errors: AtomicU64,
     kafka_errors: AtomicU64,
     kafka_client_errors: AtomicU64,
@@ -127,6 +138,7 @@ impl Metrics {
             records_skipped: std::array::from_fn(|_| AtomicU64::new(0)),
             batches: Histogram::new(&BATCH_BUCKETS),
             apply_us: Histogram::new(&APPLY_BUCKETS_US),
+            live_age_ms: Histogram::new(&AGE_BUCKETS_MS),
             redis_errors: AtomicU64::new(0),
             kafka_errors: AtomicU64::new(0),
             kafka_client_errors: AtomicU64::new(0),
@@ -154,6 +166,18 @@ impl Metrics {
         // capped by `agent.max_batch_records` (records coalesce into keys).
         self.batches.observe(batch.n_ops() as u64);
         self.apply_us.observe(round_trip.as_micros() as u64);
+    }
+
+    /// While live: the records of a batch just applied, each counted at the
+    /// age of the batch's oldest record (now minus its Kafka timestamp, so
+    /// the producer's clock; an upper bound for each). How fresh the mirror
+    /// is, from Kafka's point of view; before the agent is live, ages are
+    /// those of the backlog and are not counted.
+    pub fn live_records_aged(&self, oldest_ts_ms: Option<i64>, n_records: u64) {
+        if let Some(ts_ms) = oldest_ts_ms {
+            let age_ms = (crate::sink::now_ms() - ts_ms).max(0) as u64;
+            self.live_age_ms.observe_n(age_ms, n_records);
+        }
     }
 
     pub fn redis_error(&self) {
@@ -352,6 +376,12 @@ impl Metrics {
             "edgecache_redis_apply_seconds",
             "Round trip of one atomic apply to Redis.",
             1e6,
+        );
+        self.live_age_ms.render(
+            &mut out,
+            "edgecache_live_record_age_seconds",
+            "While live: age of applied records when Redis took them (apply time minus the Kafka record timestamp; each record counted at its batch's oldest).",
+            1e3,
         );
         out
     }

@@ -606,6 +606,9 @@ impl Pipeline<'_> {
                 self.batch.use_field(id);
             }
         }
+        if let Some(ts_ms) = incoming.timestamp_ms() {
+            self.batch.note_timestamp(ts_ms);
+        }
         self.batch.put(partition, offset, redis_key, op);
         Flow::Continue
     }
@@ -785,6 +788,10 @@ impl Pipeline<'_> {
     /// Bookkeeping once Redis applied `batch`.
     async fn applied(&mut self, source: &Source, batch: &Batch, started: Instant) {
         self.metrics.applied(batch, started.elapsed());
+        if self.caught_up {
+            self.metrics
+                .live_records_aged(batch.oldest_ts_ms(), batch.counts().records);
+        }
         debug!(
             n_ops = batch.n_ops(),
             n_records = batch.counts().records,

@@ -96,6 +96,13 @@ fn metrics_match_what_was_applied() {
     producer.random_states(&mut rng, 3000, 300);
     let agent = Agent::start(&config);
     converges(&redis, &producer);
+    wait_until(CONVERGE, "state live", || {
+        redis
+            .hgetall("edgecache:status")
+            .get("state")
+            .map(String::as_str)
+            == Some("live")
+    });
     producer.random_states(&mut rng, 500, 300);
     converges(&redis, &producer);
 
@@ -134,6 +141,13 @@ fn metrics_match_what_was_applied() {
     assert_eq!(metrics["edgecache_batch_keys_bucket{le=\"128\"}"], batches);
     assert_eq!(metrics["edgecache_redis_apply_seconds_count"], batches);
     assert!(metrics["edgecache_redis_apply_seconds_sum"] > 0.0);
+    // Record age counts live records only: the 500 sent after the backlog,
+    // applied within seconds of their (this machine's) timestamps.
+    assert_eq!(metrics["edgecache_live_record_age_seconds_count"], 500.0);
+    assert_eq!(
+        metrics["edgecache_live_record_age_seconds_bucket{le=\"30\"}"], 500.0,
+        "{metrics:#?}"
+    );
     assert_eq!(metrics["edgecache_rehydrates_total"], 0.0);
     assert_eq!(metrics["edgecache_redis_errors_total"], 0.0);
     assert_eq!(metrics["edgecache_kafka_errors_total"], 0.0);
