@@ -97,11 +97,7 @@ fn metrics_match_what_was_applied() {
     let agent = Agent::start(&config);
     converges(&redis, &producer);
     wait_until(CONVERGE, "state live", || {
-        redis
-            .hgetall("edgecache:status")
-            .get("state")
-            .map(String::as_str)
-            == Some("live")
+        redis.state().as_deref() == Some("live")
     });
     producer.random_states(&mut rng, 500, 300);
     converges(&redis, &producer);

@@ -169,11 +169,7 @@ fn missed_tombstones_are_resynced() {
         CONVERGE,
     );
     wait_until(CONVERGE, "the resync to finish", || {
-        redis
-            .hgetall("edgecache:status")
-            .get("state")
-            .map(String::as_str)
-            == Some("live")
+        redis.state().as_deref() == Some("live")
     });
     let log = agent.log_text();
     assert!(
@@ -203,13 +199,7 @@ fn missed_tombstones_are_resynced() {
     std::thread::sleep(Duration::from_secs(3));
     let log = agent.log_text();
     assert_eq!(log.matches("resync done").count(), 1, "agent log:\n{log}");
-    assert_eq!(
-        redis
-            .hgetall("edgecache:status")
-            .get("state")
-            .map(String::as_str),
-        Some("live")
-    );
+    assert_eq!(redis.state().as_deref(), Some("live"));
     assert_confined(&redis, &foreign);
     let status: BTreeMap<String, String> = redis.hgetall("edgecache:status");
     assert!(status.contains_key("caught_up_ms"), "status: {status:?}");

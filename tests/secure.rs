@@ -182,10 +182,7 @@ fn mirrors_through(
     producer.random_states(&mut rng, 100, 40);
     converges(&redis, &producer);
     wait_until(Duration::from_secs(30), "state live", || {
-        redis
-            .hgetall("edgecache:status")
-            .get("state")
-            .is_some_and(|s| s == "live")
+        redis.state().as_deref() == Some("live")
     });
 
     let (status, _) = agent.sigterm();

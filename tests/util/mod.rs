@@ -424,6 +424,11 @@ impl Redis {
             .unwrap()
     }
 
+    /// The agent's `state` in its status hash, if written yet.
+    pub fn state(&self) -> Option<String> {
+        self.hgetall("edgecache:status").remove("state")
+    }
+
     pub fn status_counter(&self, field: &str) -> u64 {
         self.hgetall("edgecache:status")
             .get(field)
