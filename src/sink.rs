@@ -42,6 +42,14 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
 end
 local channel = ARGV[5]
+-- 'set ' or 'del ' and each key of KEYS[from..to] on the channel, if any.
+local function publish(kind, from, to)
+  if channel ~= '' then
+    for j = from, to do
+      redis.call('PUBLISH', channel, kind .. KEYS[j])
+    end
+  end
+end
 local n_fields = tonumber(ARGV[6])
 local a = 9
 -- Every check before the first write: a script that errors keeps what it
@@ -82,11 +90,7 @@ while done < n do
   redis.call('MSET', unpack(args))
   done = done + chunk
 end
-if channel ~= '' then
-  for j = k, k + n - 1 do
-    redis.call('PUBLISH', channel, 'set ' .. KEYS[j])
-  end
-end
+publish('set ', k, k + n - 1)
 a = a + n
 k = k + n
 n = tonumber(ARGV[8])
@@ -96,11 +100,7 @@ while done < n do
   redis.call('DEL', unpack(KEYS, k + done, k + done + chunk - 1))
   done = done + chunk
 end
-if channel ~= '' then
-  for j = k, k + n - 1 do
-    redis.call('PUBLISH', channel, 'del ' .. KEYS[j])
-  end
-end
+publish('del ', k, k + n - 1)
 k = k + n
 for k = k, #KEYS do
   local op = ARGV[a]
@@ -121,9 +121,7 @@ for k = k, #KEYS do
     if c ~= lower then
       redis.call(lower == 'd' and 'SREM' or 'SADD', KEYS[4], KEYS[k])
     end
-    if channel ~= '' then
-      redis.call('PUBLISH', channel, (lower == 'd' and 'del ' or 'set ') .. KEYS[k])
-    end
+    publish(lower == 'd' and 'del ' or 'set ', k, k)
   end
   a = a + 2
 end
