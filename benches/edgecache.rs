@@ -152,14 +152,20 @@ fn main() {
 
     // ---- 4: live latency ----
     progress("live latency at 1k/s and 20k/s");
+    // Kafka alone first (no agent or Redis running), then the agent: the
+    // floor and the agent's figure from the same broker in the same run.
+    let floor_topic = unique("bench-floor");
+    let floor = kafka_floor(&brokers, &floor_topic, p.live_secs);
     let live_topic = unique("bench-live");
     let live = live_latency(&bin, &brokers, &live_topic, work.path(), p.live_secs);
-    for l in &live {
-        write_csv(
-            &out_dir.join(format!("live-latency-{}.csv", l.rate)),
-            "us",
-            l.produce_to_readable.iter().map(|us| us.to_string()),
-        );
+    for (name, rates) in [("live-latency", &live), ("kafka-floor", &floor)] {
+        for l in rates {
+            write_csv(
+                &out_dir.join(format!("{name}-{}.csv", l.rate)),
+                "us",
+                l.produce_to_readable.iter().map(|us| us.to_string()),
+            );
+        }
     }
 
     // ---- 5: compactness ----
@@ -180,14 +186,26 @@ fn main() {
         &naive_runs,
         &reads,
         &live,
+        &floor,
         &compact,
         &sizes,
     );
     progress(&format!("raw samples in {}", out_dir.display()));
     // A full run writes ~200 MB to the broker; do not let reruns pile up.
-    delete_topics(&brokers, &[&topic, &live_topic, &compact_topic]);
+    delete_topics(
+        &brokers,
+        &[&topic, &floor_topic, &live_topic, &compact_topic],
+    );
     // Last, so a missing font cannot cost the table or leave topics behind.
-    draw_plots(&out_dir, &p, &agent_runs, &naive_runs, &reads, &live);
+    draw_plots(
+        &out_dir,
+        &p,
+        &agent_runs,
+        &naive_runs,
+        &reads,
+        &live,
+        &floor,
+    );
     progress(&format!("plots in {}/*.png", out_dir.display()));
 }
 
@@ -199,6 +217,7 @@ fn draw_plots(
     naive: &[NaiveRun],
     reads: &Reads,
     live: &[LiveRate],
+    floor: &[LiveRate],
 ) {
     let result = (|| -> Result<(), Box<dyn std::error::Error>> {
         plots::register_font()?;
@@ -245,6 +264,12 @@ fn draw_plots(
                 format!("broker ack → readable, {}/s", l.rate),
                 l.ack_to_readable.clone(),
             ));
+            if let Some(f) = floor.iter().find(|f| f.rate == l.rate) {
+                series.push((
+                    format!("Kafka alone: produce → polled, {}/s", l.rate),
+                    us(&f.produce_to_readable),
+                ));
+            }
             let goal_ms = if l.rate <= 1000 { 5.0 } else { 20.0 };
             marks.push((
                 goal_ms,
@@ -1385,6 +1410,200 @@ fn bucket_quantile_ms(buckets: &[(f64, u64)], q: f64) -> f64 {
         .map_or(f64::NAN, |(le, _)| le * 1000.0)
 }
 
+/// The live phases: a warm-up at 200 records/s (not reported), then each
+/// rate for `secs` seconds. Sequence numbers are the keys `lat:<seq>`.
+const LIVE_RATES: [u64; 2] = [1_000, 20_000];
+const LIVE_WARMUP: usize = 200;
+
+fn live_ranges(secs: u64) -> Vec<(usize, usize)> {
+    let mut ranges = vec![(0usize, LIVE_WARMUP)];
+    for rate in LIVE_RATES {
+        let from = ranges.last().unwrap().1;
+        ranges.push((from, from + (rate * secs) as usize));
+    }
+    ranges
+}
+
+fn live_records(secs: u64) -> Arc<Vec<AtomicU64>> {
+    let n = live_ranges(secs).last().unwrap().1;
+    Arc::new((0..n).map(|_| AtomicU64::new(0)).collect())
+}
+
+/// Sequence number of a `lat:<seq>` key (or of a bare `<seq>` record key).
+fn live_seq(key: &str) -> usize {
+    key.rsplit(':')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("lat:<seq> key")
+}
+
+/// Produces the live phases into `topic`, paced against a schedule, and
+/// reads the results from `seen` (µs when each record was observed, filled
+/// by whoever observes: the Redis subscriber, or the bare consumer).
+/// `ages` is scraped around each reported phase (the agent's metric).
+fn paced_phases(
+    brokers: &str,
+    topic: &str,
+    secs: u64,
+    seen: &[AtomicU64],
+    mut ages: impl FnMut() -> Vec<(f64, u64)>,
+) -> Vec<LiveRate> {
+    let ranges = live_ranges(secs);
+    let n_total = seen.len();
+    let stamps = Arc::new(Stamps {
+        sent: (0..n_total).map(|_| AtomicU64::new(0)).collect(),
+        acked: (0..n_total).map(|_| AtomicU64::new(0)).collect(),
+    });
+    // No linger: each record leaves at once, so the figure is the agent's
+    // and the broker's, not the producer's batching.
+    let producer: ThreadedProducer<StampContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "0")
+        .set("enable.idempotence", "true")
+        .create_with_context(StampContext(stamps.clone()))
+        .expect("producer");
+    let send = |seq: usize| {
+        let key = seq.to_string();
+        loop {
+            let sent = now_us();
+            stamps.sent[seq].store(sent, Ordering::Relaxed);
+            let value = format!(
+                r#"{{"sent_us":{sent},"device":"sensor-{seq}","temp_c":21.{},"online":true}}"#,
+                seq % 10
+            );
+            let record = BaseRecord::with_opaque_to(topic, Box::new(seq))
+                .key(&key)
+                .payload(&value);
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, _)) if e.to_string().contains("Queue full") => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err((e, _)) => panic!("producing: {e}"),
+            }
+        }
+    };
+
+    let mut results = Vec::new();
+    for (phase, &(from, to)) in ranges.iter().enumerate() {
+        let rate = if phase == 0 {
+            200
+        } else {
+            LIVE_RATES[phase - 1]
+        };
+        let ages_before = ages();
+        // Paced against a schedule (not sleep-per-record): sleeps overshoot by
+        // tens of µs, so a late record is sent at once and the mean rate holds.
+        let t0 = Instant::now();
+        for seq in from..to {
+            let due = t0 + Duration::from_secs_f64((seq - from) as f64 / rate as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            send(seq);
+        }
+        producer.flush(Duration::from_secs(30)).expect("flush");
+        // Stragglers: wait until every record was seen, or 10 s.
+        let wait = Instant::now();
+        while (from..to).any(|s| seen[s].load(Ordering::Relaxed) == 0)
+            && wait.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if phase == 0 {
+            continue;
+        }
+        let mut readable = Vec::new();
+        let mut acked = Vec::new();
+        let mut ack_to_readable = Vec::new();
+        for (s, seen_at) in seen.iter().enumerate().take(to).skip(from) {
+            let sent = stamps.sent[s].load(Ordering::Relaxed);
+            let seen_at = seen_at.load(Ordering::Relaxed);
+            if seen_at > 0 {
+                readable.push(seen_at.saturating_sub(sent));
+            }
+            let ack = stamps.acked[s].load(Ordering::Relaxed);
+            if ack > 0 {
+                acked.push(ack.saturating_sub(sent));
+            }
+            if ack > 0 && seen_at > 0 {
+                ack_to_readable.push(seen_at as i64 - ack as i64);
+            }
+        }
+        progress(&format!(
+            "{topic} {rate}/s: {} of {} seen, p99 {:.1} ms",
+            readable.len(),
+            to - from,
+            pct(&mut readable.clone(), 0.99) as f64 / 1000.0
+        ));
+        let ages_after = ages();
+        let agent_ages: Vec<(f64, u64)> = ages_after
+            .iter()
+            .zip(&ages_before)
+            .map(|(&(le, after), &(_, before))| (le, after.saturating_sub(before)))
+            .collect();
+        results.push(LiveRate {
+            rate,
+            sent: to - from,
+            produce_to_readable: readable,
+            produce_to_ack: acked,
+            ack_to_readable,
+            agent_ages,
+        });
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    results
+}
+
+/// The floor under any Kafka → Redis mirror on this machine: the same paced
+/// producer, read by a bare rdkafka consumer (librdkafka's defaults, a poll
+/// loop, nothing else) with no agent or Redis running. Produce → polled is
+/// what the broker and librdkafka take before any agent could act.
+fn kafka_floor(brokers: &str, topic: &str, secs: u64) -> Vec<LiveRate> {
+    create_topic(brokers, topic);
+    let seen = live_records(secs);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("bench-floor"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut partitions = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        partitions
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&partitions).expect("assign");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        let now = now_us();
+                        let key = std::str::from_utf8(m.key().expect("keyed")).unwrap();
+                        let _ = seen[live_seq(key)].compare_exchange(
+                            0,
+                            now,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    Some(Err(e)) => panic!("bare consumer: {e}"),
+                    None => {}
+                }
+            }
+        })
+    };
+    let results = paced_phases(brokers, topic, secs, &seen, Vec::new);
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    results
+}
+
 fn live_latency(bin: &Path, brokers: &str, topic: &str, dir: &Path, secs: u64) -> Vec<LiveRate> {
     create_topic(brokers, topic);
     let redis = Redis::start();
@@ -1401,21 +1620,7 @@ fn live_latency(bin: &Path, brokers: &str, topic: &str, dir: &Path, secs: u64) -
         "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
     ));
     std::fs::write(&config, text).unwrap();
-
-    // Sequence ranges: a warm-up (not reported), then each rate.
-    let rates = [1_000u64, 20_000];
-    let warmup = 200usize;
-    let mut ranges = vec![(0usize, warmup)];
-    for rate in rates {
-        let from = ranges.last().unwrap().1;
-        ranges.push((from, from + (rate * secs) as usize));
-    }
-    let n_total = ranges.last().unwrap().1;
-    let stamps = Arc::new(Stamps {
-        sent: (0..n_total).map(|_| AtomicU64::new(0)).collect(),
-        acked: (0..n_total).map(|_| AtomicU64::new(0)).collect(),
-    });
-    let seen: Arc<Vec<AtomicU64>> = Arc::new((0..n_total).map(|_| AtomicU64::new(0)).collect());
+    let seen = live_records(secs);
 
     let mut agent = Agent::start(bin, &config);
     let mut conn = redis.conn();
@@ -1453,12 +1658,7 @@ fn live_latency(bin: &Path, brokers: &str, topic: &str, dir: &Path, secs: u64) -
                 match pubsub.get_message() {
                     Ok(msg) => {
                         let now = now_us();
-                        let seq: usize = msg
-                            .get_channel_name()
-                            .rsplit(':')
-                            .next()
-                            .and_then(|s| s.parse().ok())
-                            .expect("lat:<seq> key");
+                        let seq = live_seq(msg.get_channel_name());
                         // First notification only (a key is written once).
                         let _ = seen[seq].compare_exchange(
                             0,
@@ -1475,101 +1675,7 @@ fn live_latency(bin: &Path, brokers: &str, topic: &str, dir: &Path, secs: u64) -
     };
     ready_rx.recv().unwrap();
 
-    // No linger: each record leaves at once, so the figure is the agent's
-    // and the broker's, not the producer's batching.
-    let producer: ThreadedProducer<StampContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "0")
-        .set("enable.idempotence", "true")
-        .create_with_context(StampContext(stamps.clone()))
-        .expect("producer");
-    let send = |seq: usize| {
-        let key = seq.to_string();
-        loop {
-            let sent = now_us();
-            stamps.sent[seq].store(sent, Ordering::Relaxed);
-            let value = format!(
-                r#"{{"sent_us":{sent},"device":"sensor-{seq}","temp_c":21.{},"online":true}}"#,
-                seq % 10
-            );
-            let record = BaseRecord::with_opaque_to(topic, Box::new(seq))
-                .key(&key)
-                .payload(&value);
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, _)) if e.to_string().contains("Queue full") => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                Err((e, _)) => panic!("producing: {e}"),
-            }
-        }
-    };
-
-    let mut results = Vec::new();
-    for (phase, &(from, to)) in ranges.iter().enumerate() {
-        let rate = if phase == 0 { 200 } else { rates[phase - 1] };
-        let ages_before = live_ages(metrics_port);
-        // Paced against a schedule (not sleep-per-record): sleeps overshoot by
-        // tens of µs, so a late record is sent at once and the mean rate holds.
-        let t0 = Instant::now();
-        for seq in from..to {
-            let due = t0 + Duration::from_secs_f64((seq - from) as f64 / rate as f64);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            send(seq);
-        }
-        producer.flush(Duration::from_secs(30)).expect("flush");
-        // Stragglers: wait until every record was seen, or 10 s.
-        let wait = Instant::now();
-        while (from..to).any(|s| seen[s].load(Ordering::Relaxed) == 0)
-            && wait.elapsed() < Duration::from_secs(10)
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if phase == 0 {
-            continue;
-        }
-        let mut readable = Vec::new();
-        let mut acked = Vec::new();
-        let mut ack_to_readable = Vec::new();
-        for s in from..to {
-            let sent = stamps.sent[s].load(Ordering::Relaxed);
-            let seen_at = seen[s].load(Ordering::Relaxed);
-            if seen_at > 0 {
-                readable.push(seen_at.saturating_sub(sent));
-            }
-            let ack = stamps.acked[s].load(Ordering::Relaxed);
-            if ack > 0 {
-                acked.push(ack.saturating_sub(sent));
-            }
-            if ack > 0 && seen_at > 0 {
-                ack_to_readable.push(seen_at as i64 - ack as i64);
-            }
-        }
-        progress(&format!(
-            "live {rate}/s: {} of {} readable, p99 {:.1} ms",
-            readable.len(),
-            to - from,
-            pct(&mut readable.clone(), 0.99) as f64 / 1000.0
-        ));
-        let ages_after = live_ages(metrics_port);
-        let agent_ages: Vec<(f64, u64)> = ages_after
-            .iter()
-            .zip(&ages_before)
-            .map(|(&(le, after), &(_, before))| (le, after.saturating_sub(before)))
-            .collect();
-        results.push(LiveRate {
-            rate,
-            sent: to - from,
-            produce_to_readable: readable,
-            produce_to_ack: acked,
-            ack_to_readable,
-            agent_ages,
-        });
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    let results = paced_phases(brokers, topic, secs, &seen, || live_ages(metrics_port));
     stop.store(true, Ordering::Relaxed);
     subscriber.join().unwrap();
     agent.stop();
@@ -1725,6 +1831,7 @@ impl Table {
         naive: &[NaiveRun],
         reads: &Reads,
         live: &[LiveRate],
+        floor: &[LiveRate],
         compact: &[Compact],
         sizes: &[(String, u64)],
     ) {
@@ -1892,6 +1999,30 @@ impl Table {
                     l.agent_ages.last().map_or(0, |b| b.1),
                     bucket_quantile_ms(&l.agent_ages, 0.5),
                     bucket_quantile_ms(&l.agent_ages, 0.99)
+                ),
+            );
+        }
+
+        for f in floor {
+            let mut v = f.produce_to_readable.clone();
+            let mut a = f.produce_to_ack.clone();
+            row(
+                &format!(
+                    "Kafka alone at {}/s, produce → polled by a bare consumer",
+                    f.rate
+                ),
+                format!(
+                    "p50 {:.2} / p99 {:.2} / max {:.2} ms",
+                    pct(&mut v, 0.5) as f64 / 1000.0,
+                    pct(&mut v, 0.99) as f64 / 1000.0,
+                    pct(&mut v, 1.0) as f64 / 1000.0
+                ),
+                format!(
+                    "the floor under any mirror on this box: same producer, librdkafka consumer defaults, no agent or Redis running; {} of {} records polled; produce → broker ack p50 {:.2} / p99 {:.2} ms",
+                    f.produce_to_readable.len(),
+                    f.sent,
+                    pct(&mut a, 0.5) as f64 / 1000.0,
+                    pct(&mut a, 0.99) as f64 / 1000.0,
                 ),
             );
         }

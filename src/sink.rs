@@ -328,9 +328,17 @@ impl Sink {
         if let Some(connection) = &self.connection {
             return Ok(connection.clone());
         }
+        // TCP_NODELAY: with Nagle's algorithm on (redis-rs's default) the
+        // tail of an apply script's command waits for Redis to ACK its head,
+        // and Redis delays that ACK (40 ms on Linux) while it waits for the
+        // rest: 96-record applies took 25-70 ms instead of under 1 ms, and
+        // live latency at 20k records/s had a p99 of 60-350 ms
+        // (BENCHMARKS.md). Unix sockets are not affected.
+        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(CALL_TIMEOUT)
-            .set_response_timeout(CALL_TIMEOUT);
+            .set_response_timeout(CALL_TIMEOUT)
+            .set_tcp_settings(tcp);
         let connection = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
