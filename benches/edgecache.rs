@@ -483,7 +483,7 @@ fn machine_facts(bin: &Path) -> Vec<(String, String)> {
                 changed.push(format!("kafka.properties {p}"));
             }
             let nice = format!(
-                "run at nice {} (as the systemd unit's Nice=; the readers and the naive reference at 0)",
+                "started at nice {} (the systemd unit's Nice=, 0 if unset; the agent adds agent.catch_up_nice while catching up; the readers and the naive reference at 0)",
                 agent_nice()
             );
             if changed.is_empty() {
@@ -966,8 +966,8 @@ fn write_config(
     path
 }
 
-/// The niceness the agent runs at: `Nice=` of systemd/edgecache.service,
-/// or `EDGECACHE_BENCH_NICE`.
+/// The niceness the agent starts at: `Nice=` of systemd/edgecache.service
+/// (0 when the unit has none), or `EDGECACHE_BENCH_NICE`.
 fn agent_nice() -> i32 {
     if let Ok(n) = std::env::var("EDGECACHE_BENCH_NICE") {
         return n.parse().expect("EDGECACHE_BENCH_NICE is a number");

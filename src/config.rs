@@ -68,6 +68,10 @@ pub struct AgentConfig {
     /// seconds even if not (Kafka unreachable at boot must not fail the
     /// unit); keep it below the unit's TimeoutStartSec (1..=3600).
     pub ready_timeout_secs: u64,
+    /// Niceness added while rehydrating or catching up (0..=19; 0: one
+    /// priority throughout). Local readers of Redis then preempt the bulk
+    /// load; once live the agent returns to the niceness it started with.
+    pub catch_up_nice: u8,
 }
 
 impl Default for AgentConfig {
@@ -77,6 +81,7 @@ impl Default for AgentConfig {
             max_batch_records: 96,
             partition_discovery_secs: 30,
             ready_timeout_secs: 60,
+            catch_up_nice: 10,
         }
     }
 }
@@ -323,6 +328,13 @@ impl Settings {
             return Err(err(
                 "agent.ready_timeout_secs",
                 format!("{ready} is outside 1..=3600"),
+            ));
+        }
+        let nice = config.agent.catch_up_nice;
+        if nice > 19 {
+            return Err(err(
+                "agent.catch_up_nice",
+                format!("{nice} is outside 0..=19"),
             ));
         }
         let discovery = config.agent.partition_discovery_secs;
@@ -740,6 +752,10 @@ key_prefix = "device:"
         assert_eq!(
             error_field(&MINIMAL.replace("[kafka]", "[agent]\nmemory_budget_mib = 1\n[kafka]")),
             "agent.memory_budget_mib"
+        );
+        assert_eq!(
+            error_field(&MINIMAL.replace("[kafka]", "[agent]\ncatch_up_nice = 20\n[kafka]")),
+            "agent.catch_up_nice"
         );
         assert_eq!(
             error_field(&MINIMAL.replace("redis://127", "http://127")),

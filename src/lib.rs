@@ -15,13 +15,15 @@
 //! - [`metrics`]: counters and the optional Prometheus endpoint.
 //! - [`backoff`]: retry delays.
 //! - [`notify`]: systemd readiness, watchdog and status (sd_notify).
+//! - [`priority`]: the agent's CPU niceness, lower while catching up.
 //! - [`cli`]: the commands behind the binary.
 //!
-//! `source`, `sink`, `pipeline`, `metrics` and `cli` need the `agent` feature (on by
+//! `source`, `sink`, `pipeline`, `priority`, `metrics` and `cli` need the `agent` feature (on by
 //! default); without it only the pure modules are built (fuzz/ uses that).
 
-// One exception, allowed where it is: `source::Source::fetched_watermarks`,
-// a read-only librdkafka call that rust-rdkafka does not wrap.
+// Two exceptions, allowed where they are: `source::Source::fetched_watermarks`,
+// a read-only librdkafka call that rust-rdkafka does not wrap, and
+// `priority`'s getpriority/setpriority calls.
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
@@ -37,6 +39,8 @@ pub mod metrics;
 pub mod notify;
 #[cfg(feature = "agent")]
 pub mod pipeline;
+#[cfg(feature = "agent")]
+pub mod priority;
 pub mod resync;
 #[cfg(feature = "agent")]
 pub mod sink;

@@ -17,6 +17,7 @@ use crate::codec::{self, Fields};
 use crate::config::{Settings, MAX_KEY_BYTES};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
+use crate::priority::Priority;
 use crate::resync::{self, Resync};
 use crate::sink::{PendingApply, Sink, SinkError};
 use crate::source::{Event, Incoming, Source, SourceError};
@@ -138,6 +139,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         progress_at: Instant::now(),
         progress_records: 0,
         caught_up: false,
+        priority: Priority::new(settings.config.agent.catch_up_nice),
         catch_up_started: Instant::now(),
         records_since_start: 0,
         last_apply: Instant::now(),
@@ -160,6 +162,8 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         retention_tried: None,
         log_start_unchecked: BTreeMap::new(),
     };
+    // After Source::new, so librdkafka's threads exist and are set too.
+    pipeline.priority.set(true);
     tokio::select! {
         _ = signal => unreachable!("the signal future never completes"),
         result = pipeline.run(&source) => result,
@@ -243,6 +247,8 @@ struct Pipeline<'s> {
     progress_at: Instant,
     progress_records: u64,
     caught_up: bool,
+    /// Niceness: raised while not caught up (src/priority.rs).
+    priority: Priority,
     catch_up_started: Instant,
     records_since_start: u64,
     last_apply: Instant,
@@ -1094,6 +1100,7 @@ impl Pipeline<'_> {
     /// lines and the caught-up check.
     fn restart_catch_up(&mut self) {
         self.caught_up = false;
+        self.priority.set(true);
         self.catch_up_started = Instant::now();
         self.records_since_start = 0;
         self.progress_at = Instant::now();
@@ -1224,6 +1231,7 @@ impl Pipeline<'_> {
                         self.log_start_unchecked.extend(stored_starts(&new));
                         self.positions.extend(new);
                         self.caught_up = false;
+                        self.priority.set(true);
                     }
                     Err(e) => error!("{e}"),
                 }
@@ -1330,6 +1338,7 @@ impl Pipeline<'_> {
             "caught up; live"
         );
         self.caught_up = true;
+        self.priority.set(false);
         self.lag = Some(0);
         self.state = State::Live;
         self.notify.ready("live: caught up");

@@ -889,3 +889,63 @@ fn sd_notify_ready_when_kafka_is_unreachable() {
     });
     assert_eq!(notify.count("STOPPING=1"), 1, "no STOPPING=1 after SIGTERM");
 }
+
+/// The niceness of every thread of `pid` (field 19 of each task's stat).
+fn thread_niceness(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        .map(|stat| {
+            // After the command name, which may hold spaces: field 3 onwards.
+            let rest = &stat[stat.rfind(')').expect("stat has (comm)") + 2..];
+            rest.split(' ').nth(19 - 3).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn catching_up_runs_at_a_lower_cpu_priority_and_live_at_the_start_one() {
+    let own = thread_niceness(std::process::id())[0];
+    assert!(
+        own <= 9,
+        "the test runs at niceness {own}: +10 must be visible"
+    );
+    let topic = unique("nice");
+    create_topic(&topic, 2);
+    let mut producer = TestProducer::new(&topic);
+    producer.put("a", Some(r#"{"v":1}"#));
+    producer.flush();
+    // Redis down: the agent cannot catch up, so it stays in its bulk phase.
+    let mut redis = Redis::start(false);
+    redis.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "nice:").write(dir.path());
+    let agent = Agent::start(&config);
+    let mut seen = Vec::new();
+    wait_until(
+        Duration::from_secs(20),
+        "every thread at +10 while catching up",
+        || {
+            seen = thread_niceness(agent.pid());
+            seen.len() > 1 && seen.iter().all(|&n| n == own + 10)
+        },
+    );
+    redis.restart();
+    wait_until(Duration::from_secs(30), "live", || {
+        redis.state().as_deref() == Some("live")
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "every thread back at the start niceness",
+        || {
+            seen = thread_niceness(agent.pid());
+            !seen.is_empty() && seen.iter().all(|&n| n == own)
+        },
+    );
+    assert_eq!(redis.dump("nice:").len(), 1, "the record is mirrored");
+    let log = agent.log_text();
+    assert!(log.contains("CPU priority for catching up"), "{log}");
+    assert!(log.contains("CPU priority for live updates"), "{log}");
+}
