@@ -50,9 +50,16 @@ impl Priority {
                 self.current = wanted;
             }
             Err(e) => {
+                // Raising needs setpriority past a syscall filter; lowering
+                // also needs RLIMIT_NICE.
+                let hint = if wanted > self.current {
+                    "a unit's SystemCallFilter must allow setpriority"
+                } else {
+                    "returning needs RLIMIT_NICE: LimitNICE=+0 in the unit"
+                };
                 warn!(
-                    "cannot set niceness {wanted} for {} ({e}); it stays {} \
-                     (the unit's LimitNICE=+0 allows returning to 0)",
+                    "cannot set niceness {wanted} for {} ({e}; {hint}); it stays {} \
+                     from now on",
                     phase(bulk),
                     self.current
                 );

@@ -949,3 +949,43 @@ fn catching_up_runs_at_a_lower_cpu_priority_and_live_at_the_start_one() {
     assert!(log.contains("CPU priority for catching up"), "{log}");
     assert!(log.contains("CPU priority for live updates"), "{log}");
 }
+
+#[test]
+fn without_rlimit_nice_the_agent_warns_and_keeps_the_catch_up_niceness() {
+    // As under a unit without LimitNICE=+0: no CAP_SYS_NICE and RLIMIT_NICE
+    // 0 (the default), so raising the niceness works and lowering it fails.
+    let own = thread_niceness(std::process::id())[0];
+    assert!(
+        own <= 9,
+        "the test runs at niceness {own}: +10 must be visible"
+    );
+    let topic = unique("nicelimit");
+    create_topic(&topic, 1);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "nl:").write(dir.path());
+    let agent = Agent::start_wrapped(
+        &["prlimit", "--nice=0", "setpriv", "--bounding-set=-sys_nice"],
+        &config,
+        &[],
+    );
+    wait_until(Duration::from_secs(30), "live", || {
+        redis.state().as_deref() == Some("live")
+    });
+    wait_until(Duration::from_secs(10), "the warning", || {
+        agent.log_text().contains("returning needs RLIMIT_NICE")
+    });
+    let seen = thread_niceness(agent.pid());
+    assert!(
+        seen.len() > 1 && seen.iter().all(|&n| n == own + 10),
+        "threads at {seen:?}; log:\n{}",
+        agent.log_text()
+    );
+    // It still mirrors.
+    let mut producer = TestProducer::new(&topic);
+    producer.put("k", Some(r#"{"v":1}"#));
+    producer.flush();
+    wait_until(Duration::from_secs(10), "the record mirrored", || {
+        redis.dump("nl:").len() == 1
+    });
+}

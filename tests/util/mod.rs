@@ -621,8 +621,18 @@ impl Agent {
     }
 
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Agent {
+        Agent::start_wrapped(&[], config, env)
+    }
+
+    /// Starts the agent under `wrapper` (a command and its arguments that
+    /// exec the rest, e.g. `setpriv ...`).
+    pub fn start_wrapped(wrapper: &[&str], config: &Path, env: &[(&str, &str)]) -> Agent {
         let log = config.with_extension(format!("{}.log", unique("run")));
-        let child = Command::new(bin())
+        let bin = bin();
+        let mut argv = wrapper.to_vec();
+        argv.push(&bin);
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
             .args(["run", "--config", config.to_str().unwrap()])
             .env(
                 "EDGECACHE_LOG",
