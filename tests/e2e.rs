@@ -421,6 +421,49 @@ fn sigterm_while_redis_is_down_exits_promptly() {
     converges(&redis, &producer);
 }
 
+/// SIGTERM while a pipelined apply that failed is being retried: the agent
+/// drops that batch and the one in hand (their offsets never reached
+/// Redis), exits promptly, and the next start reads them again.
+#[test]
+fn sigterm_while_a_failed_pipelined_apply_is_retried() {
+    let Setup {
+        topic,
+        mut redis,
+        dir,
+        mut producer,
+        mut rng,
+    } = Setup::new("g-term-pipe", 1, true, 11);
+    // One record per batch: during the backlog every batch is full, so
+    // every apply goes through the pipelined send (one in flight).
+    let defaults = AgentConfig::new(redis.url(), &topic, "device:");
+    let mut config = AgentConfig::new(redis.url(), &topic, "device:");
+    config.extra_agent = "max_batch_records = 1".into();
+    let config = config.write(dir.path());
+    producer.random_states(&mut rng, 20_000, 2_000);
+    producer.flush();
+    let mut agent = Agent::start(&config);
+    wait_until(
+        Duration::from_secs(30),
+        "a few hundred keys applied",
+        || redis.dump("device:").len() > 300,
+    );
+    // Still reading the backlog, so an apply is in flight when Redis dies.
+    assert_eq!(redis.state().as_deref(), Some("rehydrating"));
+    redis.kill();
+    wait_until(Duration::from_secs(10), "the failed apply retried", || {
+        agent.log_text().contains("keeping the batch and retrying")
+    });
+    let (status, took) = agent.sigterm();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let log = agent.log_text();
+    assert!(log.contains("stopped"), "{log}");
+
+    redis.restart();
+    let _agent = Agent::start(&defaults.write(dir.path()));
+    converges(&redis, &producer);
+}
+
 /// Under systemd (Type=notify): READY=1 once caught up, WATCHDOG=1 pings
 /// from the loop, STATUS lines, STOPPING=1 on SIGTERM.
 #[test]
