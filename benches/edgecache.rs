@@ -1789,6 +1789,17 @@ fn pct<T: Copy + Ord + Default>(v: &mut [T], q: f64) -> T {
     v[rank - 1]
 }
 
+/// "p50 / p99 / max" of latencies in µs, shown in ms.
+fn ms_summary(v: &[u64]) -> String {
+    let mut v = v.to_vec();
+    format!(
+        "p50 {:.2} / p99 {:.2} / max {:.2} ms",
+        pct(&mut v, 0.5) as f64 / 1000.0,
+        pct(&mut v, 0.99) as f64 / 1000.0,
+        pct(&mut v, 1.0) as f64 / 1000.0
+    )
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -1977,17 +1988,11 @@ impl Table {
 
         // 4. Live
         for l in live {
-            let mut v = l.produce_to_readable.clone();
             let mut a = l.produce_to_ack.clone();
             let mut d = l.ack_to_readable.clone();
             row(
                 &format!("live latency at {}/s, produce → readable", l.rate),
-                format!(
-                    "**p50 {:.2} / p99 {:.2} / max {:.2} ms**",
-                    pct(&mut v, 0.5) as f64 / 1000.0,
-                    pct(&mut v, 0.99) as f64 / 1000.0,
-                    pct(&mut v, 1.0) as f64 / 1000.0
-                ),
+                format!("**{}**", ms_summary(&l.produce_to_readable)),
                 format!(
                     "{} of {} records seen; produce → broker ack p50 {:.2} / p99 {:.2} ms; ack → readable p50 {:.2} / p99 {:.2} ms; the agent's own record age at apply (its metric, {} records): p50 ≤ {} / p99 ≤ {} ms",
                     l.produce_to_readable.len(),
@@ -2004,19 +2009,13 @@ impl Table {
         }
 
         for f in floor {
-            let mut v = f.produce_to_readable.clone();
             let mut a = f.produce_to_ack.clone();
             row(
                 &format!(
                     "Kafka alone at {}/s, produce → polled by a bare consumer",
                     f.rate
                 ),
-                format!(
-                    "p50 {:.2} / p99 {:.2} / max {:.2} ms",
-                    pct(&mut v, 0.5) as f64 / 1000.0,
-                    pct(&mut v, 0.99) as f64 / 1000.0,
-                    pct(&mut v, 1.0) as f64 / 1000.0
-                ),
+                ms_summary(&f.produce_to_readable),
                 format!(
                     "the floor under any mirror on this box: same producer, librdkafka consumer defaults, no agent or Redis running; {} of {} records polled; produce → broker ack p50 {:.2} / p99 {:.2} ms",
                     f.produce_to_readable.len(),

@@ -948,13 +948,19 @@ fn thread_niceness(pid: u32) -> Vec<i32> {
         .collect()
 }
 
-#[test]
-fn catching_up_runs_at_a_lower_cpu_priority_and_live_at_the_start_one() {
+/// This test process's niceness, low enough that +10 shows.
+fn own_niceness() -> i32 {
     let own = thread_niceness(std::process::id())[0];
     assert!(
         own <= 9,
         "the test runs at niceness {own}: +10 must be visible"
     );
+    own
+}
+
+#[test]
+fn catching_up_runs_at_a_lower_cpu_priority_and_live_at_the_start_one() {
+    let own = own_niceness();
     let topic = unique("nice");
     create_topic(&topic, 2);
     let mut producer = TestProducer::new(&topic);
@@ -997,11 +1003,7 @@ fn catching_up_runs_at_a_lower_cpu_priority_and_live_at_the_start_one() {
 fn without_rlimit_nice_the_agent_warns_and_keeps_the_catch_up_niceness() {
     // As under a unit without LimitNICE=+0: no CAP_SYS_NICE and RLIMIT_NICE
     // 0 (the default), so raising the niceness works and lowering it fails.
-    let own = thread_niceness(std::process::id())[0];
-    assert!(
-        own <= 9,
-        "the test runs at niceness {own}: +10 must be visible"
-    );
+    let own = own_niceness();
     let topic = unique("nicelimit");
     create_topic(&topic, 1);
     let redis = Redis::start(false);
