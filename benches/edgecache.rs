@@ -1196,15 +1196,12 @@ struct NaiveRun {
     redis_keys: u64,
 }
 
-/// The plain "consume and SET" loop a user would write first: librdkafka
-/// defaults, one blocking round trip per record, values stored as they
-/// arrived (no decoding), no batching, no transaction, no offsets kept.
-fn naive_run(brokers: &str, topic: &str, highs: &BTreeMap<i32, i64>) -> NaiveRun {
-    let redis = Redis::start();
-    let start = Instant::now();
+/// A consumer with librdkafka's defaults, assigned every partition of
+/// `topic` from the beginning: how a user would write the plain pattern.
+fn bare_consumer(brokers: &str, topic: &str, group: &str) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", "edgecache-bench-naive")
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
@@ -1214,7 +1211,17 @@ fn naive_run(brokers: &str, topic: &str, highs: &BTreeMap<i32, i64>) -> NaiveRun
             .add_partition_offset(topic, p, Offset::Beginning)
             .unwrap();
     }
-    consumer.assign(&assignment).unwrap();
+    consumer.assign(&assignment).expect("assign");
+    consumer
+}
+
+/// The plain "consume and SET" loop a user would write first: librdkafka
+/// defaults, one blocking round trip per record, values stored as they
+/// arrived (no decoding), no batching, no transaction, no offsets kept.
+fn naive_run(brokers: &str, topic: &str, highs: &BTreeMap<i32, i64>) -> NaiveRun {
+    let redis = Redis::start();
+    let start = Instant::now();
+    let consumer = bare_consumer(brokers, topic, "edgecache-bench-naive");
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_connection()
@@ -1563,19 +1570,7 @@ fn paced_phases(
 fn kafka_floor(brokers: &str, topic: &str, secs: u64) -> Vec<LiveRate> {
     create_topic(brokers, topic);
     let seen = live_records(secs);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("bench-floor"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut partitions = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        partitions
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&partitions).expect("assign");
+    let consumer = bare_consumer(brokers, topic, &unique("bench-floor"));
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (stop, seen) = (stop.clone(), seen.clone());
