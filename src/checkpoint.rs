@@ -15,11 +15,13 @@ use std::collections::{BTreeMap, BTreeSet};
 /// torn append-only file): the agent re-reads its positions from Redis.
 pub const SEQ_FIELD: &str = "seq";
 
-/// The offsets hash field of a partition's counters (`records filtered
-/// skipped_undecodable skipped_no_key skipped_oversize`, absolute), written
-/// in the same command as its offset so the two never part.
-pub fn counts_field(topic: &str, partition: i32) -> String {
-    format!("{topic}/{partition}:n")
+/// The offsets hash field of one of a partition's counters (`records`,
+/// `filtered`, `skipped_undecodable`, `skipped_no_key`, `skipped_oversize`;
+/// absolute, an integer like every value of the hash), written in the same
+/// command as the partition's offset so the two never part:
+/// `<counter>@<topic>/<partition>`.
+pub fn counter_field(counter: &str, topic: &str, partition: i32) -> String {
+    format!("{counter}@{topic}/{partition}")
 }
 
 /// The offsets hash field that marks a topic whose Kafka lineage changed
@@ -67,7 +69,7 @@ impl StoredOffsets {
                 continue;
             }
             // Per-partition counters are read by the reconcile script only.
-            if field.ends_with(":n") {
+            if field.contains('@') {
                 continue;
             }
             if let Some(topic) = field.strip_suffix(":lineage") {
@@ -116,7 +118,7 @@ mod tests {
                 ("a/x".into(), "3".into()),
                 ("a/1".into(), "-4".into()),
                 ("seq".into(), "42".into()),
-                ("a/0:n".into(), "3 0 0 0 0".into()),
+                ("records@a/0".into(), "3".into()),
                 ("a:lineage".into(), "1".into()),
             ],
         );

@@ -385,7 +385,8 @@ impl Pipeline<'_> {
             return;
         }
         // A lineage resync a stop interrupted: finish it.
-        self.lineage_due.extend(self.stored.lineage_pending.iter().copied());
+        self.lineage_due
+            .extend(self.stored.lineage_pending.iter().copied());
 
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1083,7 +1084,11 @@ impl Pipeline<'_> {
         if self.last_apply.elapsed() >= TICK {
             match self.sink.held().await {
                 Ok(Held::Ours) => {
-                    if self.redis_problem.as_ref().is_some_and(|p| p.0 == "unreachable") {
+                    if self
+                        .redis_problem
+                        .as_ref()
+                        .is_some_and(|p| p.0 == "unreachable")
+                    {
                         self.redis_fine().await;
                     }
                 }
@@ -1682,6 +1687,15 @@ impl Pipeline<'_> {
         self.lag = Some(0);
         self.state = State::Live;
         self.notify.ready("live: caught up");
+        // `caught_up_ms` moves on only once the missed-deletes check could
+        // not have wanted a resync: nothing was stored (all read from the
+        // earliest offset) or the gap is too short to count. Otherwise the
+        // check does it, seconds later.
+        let now = crate::sink::now_ms();
+        if self.stored.next.is_empty() || now - self.caught_up_ms < resync::MIN_GAP_MS {
+            self.caught_up_ms = now;
+            self.caught_up_written = None;
+        }
     }
 
     async fn set_state(&mut self, state: State) {
@@ -1761,6 +1775,9 @@ impl Pipeline<'_> {
             ("updated_ms", crate::sink::now_ms().to_string()),
             ("waiting_for_topics", self.missing_topics.join(",")),
         ];
+        if state == State::Live && self.caught_up_written.is_none() {
+            fields.push(("caught_up_ms", self.caught_up_ms.to_string()));
+        }
         if let Some((reason, message, since)) = &self.redis_problem {
             fields.push(("redis_error", reason.clone()));
             fields.push(("redis_error_message", message.clone()));
@@ -1768,6 +1785,9 @@ impl Pipeline<'_> {
         }
         if self.sink.set_status(&fields).await.is_ok() {
             self.written_state = Some(state);
+            if state == State::Live && self.caught_up_written.is_none() {
+                self.caught_up_written = Some(Instant::now());
+            }
         }
     }
 

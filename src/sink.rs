@@ -15,7 +15,7 @@
 //! holds our state, so drop the batch and rehydrate.
 
 use crate::batch::{Batch, Op};
-use crate::checkpoint::{counts_field, lineage_field, offset_field, StoredOffsets};
+use crate::checkpoint::{lineage_field, offset_field, StoredOffsets};
 use crate::codec::Fields;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
@@ -32,8 +32,9 @@ const APPLY_SCRIPT: &str = r#"
 -- ARGV[3] n_parts, ARGV[4] now_ms, ARGV[5] channel to PUBLISH changes on
 -- ('' for none), ARGV[6] n_fields, ARGV[7] n_sets, ARGV[8] n_dels,
 -- then n_fields (number, name) pairs of the field table that the values
--- use, n_parts (offset field, next offset, counts field, counts added)
--- quadruples, n_sets values, then one (op, value) pair per remaining key:
+-- use, n_parts (offset field, next offset, then the five counters added:
+-- records filtered skipped_undecodable skipped_no_key skipped_oversize)
+-- septuples, n_sets values, then one (op, value) pair per remaining key:
 -- op "s" = SET value, "d" = DEL, "x<ms>" = SET value expiring at Unix time
 -- <ms>. During a resync: the same op in upper case ("S", "D", "X<ms>") also
 -- adds the key to the seen set (removes it for "D"); "n" / "u" only add /
@@ -90,28 +91,27 @@ for i = 1, 5 do
     end
   end
 end
+-- Per partition: its offset and its counters (field '<counter>@<topic>/<p>'),
+-- absolute, all in the one HSET below.
 local offsets = {'seq', string.format('%d', tonumber(seq) + 1)}
 for i = 1, n_parts do
-  local counts = {0, 0, 0, 0, 0}
-  local held = redis.call('HGET', KEYS[2], ARGV[a + 2])
-  if held then
-    local j = 1
-    for n in string.gmatch(held, '%d+') do
-      counts[j] = tonumber(n)
-      j = j + 1
-    end
-  end
-  local j = 1
-  for n in string.gmatch(ARGV[a + 3], '%d+') do
-    counts[j] = counts[j] + tonumber(n)
-    totals[j] = totals[j] + tonumber(n)
-    j = j + 1
-  end
   offsets[#offsets + 1] = ARGV[a]
   offsets[#offsets + 1] = ARGV[a + 1]
-  offsets[#offsets + 1] = ARGV[a + 2]
-  offsets[#offsets + 1] = string.format('%d %d %d %d %d', counts[1], counts[2], counts[3], counts[4], counts[5])
-  a = a + 4
+  for j = 1, 5 do
+    local added = tonumber(ARGV[a + 1 + j])
+    if added > 0 then
+      local field = names[j] .. '@' .. ARGV[a]
+      local held = redis.call('HGET', KEYS[2], field)
+      local count = tonumber(held or '0')
+      if not count then
+        return redis.error_reply('EDGECACHE_WRONGTYPE ' .. KEYS[2] .. ' field ' .. field .. ' is not a number')
+      end
+      offsets[#offsets + 1] = field
+      offsets[#offsets + 1] = string.format('%d', count + added)
+      totals[j] = totals[j] + added
+    end
+  end
+  a = a + 7
 end
 -- Writes. Names before the values that use them.
 if n_fields > 0 then
@@ -248,14 +248,18 @@ end
 local names = {'records', 'filtered', 'skipped_undecodable', 'skipped_no_key', 'skipped_oversize'}
 local totals = {0, 0, 0, 0, 0}
 local found = false
+local index = {}
+for i = 1, 5 do
+  index[names[i]] = i
+end
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
-  if string.sub(all[i], -2) == ':n' then
+  local at = string.find(all[i], '@', 1, true)
+  if at then
     found = true
-    local j = 1
-    for n in string.gmatch(all[i + 1], '%d+') do
-      totals[j] = totals[j] + tonumber(n)
-      j = j + 1
+    local j = index[string.sub(all[i], 1, at - 1)]
+    if j then
+      totals[j] = totals[j] + (tonumber(all[i + 1]) or 0)
     end
   end
 end
@@ -267,8 +271,12 @@ if not found then
     any = any or totals[i] > 0
   end
   if any then
-    redis.call('HSET', KEYS[2], 'before-per-partition-counters:n', string.format('%d %d %d %d %d',
-      totals[1], totals[2], totals[3], totals[4], totals[5]))
+    local kept = {}
+    for i = 1, 5 do
+      kept[#kept + 1] = names[i] .. '@before-per-partition-counters'
+      kept[#kept + 1] = string.format('%d', totals[i])
+    end
+    redis.call('HSET', KEYS[2], unpack(kept))
   end
 end
 redis.call('HSET', KEYS[3],
@@ -521,8 +529,7 @@ impl Sink {
         if let Some(password) = password {
             info.redis.password = Some(password.to_owned());
         }
-        let client =
-            Client::open(info).map_err(|e| SinkError::refused("CONFIG", e.to_string()))?;
+        let client = Client::open(info).map_err(|e| SinkError::refused("CONFIG", e.to_string()))?;
         Ok(Sink {
             client,
             connection: None,
@@ -824,7 +831,7 @@ impl Sink {
         let n_dels = batch.ops().filter(|(k, op)| group(k, op) == 1).count();
         let n_general = batch.n_ops() - n_sets - n_dels;
         let n_keys = 5 + batch.n_ops();
-        let n_args = 8 + 2 * (used.len() + n_general) + 4 * batch.next_offsets().len() + n_sets;
+        let n_args = 8 + 2 * (used.len() + n_general) + 7 * batch.next_offsets().len() + n_sets;
         // Every key and value plus a few bytes per op and the meta arguments.
         let n_bytes = batch.n_bytes() + 24 * batch.n_ops() + 512;
         let mut command = redis::Cmd::with_capacity(3 + n_keys + n_args, n_bytes);
@@ -860,11 +867,11 @@ impl Sink {
             command
                 .arg(offset_field(topic, partition))
                 .arg(next)
-                .arg(counts_field(topic, partition))
-                .arg(format!(
-                    "{} {} {} {} {}",
-                    c.records, c.filtered, c.skipped[0], c.skipped[1], c.skipped[2]
-                ));
+                .arg(c.records)
+                .arg(c.filtered)
+                .arg(c.skipped[0])
+                .arg(c.skipped[1])
+                .arg(c.skipped[2]);
         }
         for (_, op) in batch.ops().filter(|(k, op)| group(k, op) == 0) {
             if let Op::Set(value) = op {
@@ -972,6 +979,44 @@ impl Sink {
         let key = key.to_vec();
         self.call(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
             .await
+    }
+
+    /// Why Redis would refuse the agent's writes now, read from `INFO` (for
+    /// `edgecache status` when the status hash is not being updated): a
+    /// failed append-only or snapshot write (`MISCONF`), a replica
+    /// (`READONLY`), memory at `maxmemory` without eviction (`OOM`).
+    pub async fn write_refusal(&mut self) -> Option<String> {
+        let info: String = self
+            .call(|mut c| async move {
+                redis::cmd("INFO")
+                    .arg("persistence")
+                    .arg("replication")
+                    .arg("memory")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .ok()?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
+        if field("aof_last_write_status") == Some("err") {
+            return Some("MISCONF (the append-only file cannot be written)".into());
+        }
+        if field("rdb_last_bgsave_status") == Some("err") {
+            return Some("MISCONF (the last RDB snapshot failed; Redis refuses writes while stop-writes-on-bgsave-error is on)".into());
+        }
+        if field("role") == Some("slave") {
+            return Some("READONLY (Redis is a replica)".into());
+        }
+        let (used, max) = (number("used_memory")?, number("maxmemory")?);
+        if max > 0 && used >= max && field("maxmemory_policy") == Some("noeviction") {
+            return Some("OOM (used_memory at maxmemory, noeviction)".into());
+        }
+        None
     }
 
     /// Reads the status hash (for `edgecache status` and tests).
