@@ -44,9 +44,9 @@ const CAUGHT_UP_WRITE_EVERY: Duration = Duration::from_secs(10);
 /// and a failed read is retried after `RETENTION_RETRY`.
 const RETENTION_REFRESH: Duration = Duration::from_secs(600);
 const RETENTION_RETRY: Duration = Duration::from_secs(10);
-/// The latest expiry time (Unix ms) given to Redis: `SET ... PXAT` takes
-/// any positive 64-bit value.
-const MAX_EXPIRE_AT_MS: i64 = i64::MAX;
+/// How often a running agent checks again that Redis does not evict and
+/// lets it do what it needs.
+const FIT_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// Metadata is read this often while a configured topic does not exist.
 const MISSING_TOPIC_LOOK_EVERY: Duration = Duration::from_secs(5);
 
@@ -187,6 +187,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         redis_problem: None,
         retrying: false,
         lineage_due: BTreeSet::new(),
+        fit_checked: Instant::now(),
         lineage_suspect: BTreeSet::new(),
         unfit: None,
         missing_topics: Vec::new(),
@@ -330,6 +331,9 @@ struct Pipeline<'s> {
     redis_problem: Option<(String, String, i64)>,
     /// True while a batch Redis refused waits in `apply_retrying`.
     retrying: bool,
+    /// When Redis's eviction policy and the agent's permissions were last
+    /// checked.
+    fit_checked: Instant,
     /// Topics found to be of another lineage whose resync is yet to start.
     lineage_due: BTreeSet<usize>,
     /// Partitions whose log end was below the stored offset at the last
@@ -464,6 +468,13 @@ impl Pipeline<'_> {
     async fn connect_redis(&mut self) -> Flow {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
+            // Before anything is written (the marker): Redis as it is set up
+            // may not be fit for the agent at all.
+            if let Some(why) = self.unfit_redis().await {
+                error!("{why}");
+                self.unfit = Some(why);
+                return Flow::Stop;
+            }
             let mut stop = self.stop.clone();
             // Redis calls time out after seconds; keep systemd informed meanwhile.
             let outcome = await_alive(
@@ -503,11 +514,6 @@ impl Pipeline<'_> {
                     self.fields = outcome.fields;
                     self.caught_up_ms = outcome.caught_up_ms;
                     self.caught_up_written = None;
-                    if let Some(why) = self.unfit_redis().await {
-                        error!("{why}");
-                        self.unfit = Some(why);
-                        return Flow::Stop;
-                    }
                     self.redis_fine().await;
                     self.write_state().await;
                     return Flow::Continue;
@@ -754,12 +760,12 @@ impl Pipeline<'_> {
                         let now = crate::sink::now_ms();
                         // Saturating: a far-future timestamp (Kafka takes any
                         // up to i64::MAX) must give the longest expiry, not
-                        // wrap around to the past and delete the key.
+                        // wrap around to the past and delete the key. Redis's
+                        // `SET ... PXAT` takes any positive 64-bit time.
                         let expire_at = incoming
                             .timestamp_ms()
                             .unwrap_or(now)
-                            .saturating_add(ttl_ms)
-                            .min(MAX_EXPIRE_AT_MS);
+                            .saturating_add(ttl_ms);
                         if expire_at <= now {
                             // Already older than its TTL: the key must not exist.
                             Op::Delete
@@ -1109,6 +1115,16 @@ impl Pipeline<'_> {
                     }
                     self.redis_refuses(&e).await;
                 }
+            }
+        }
+        // Redis may be reconfigured (CONFIG SET) or replaced without losing
+        // our state: its eviction policy and our permissions, again.
+        if self.fit_checked.elapsed() >= FIT_CHECK_EVERY && self.redis_problem.is_none() {
+            self.fit_checked = Instant::now();
+            if let Some(why) = self.unfit_redis().await {
+                error!("{why}");
+                self.unfit = Some(why);
+                return Flow::Stop;
             }
         }
         self.discover_new(source);
@@ -1851,11 +1867,14 @@ impl Pipeline<'_> {
                 _ => info!("abandoned the in-flight batch; it is read again after restart"),
             }
         }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            self.sink.set_status(&[("state", "stopped".to_owned())]),
-        )
-        .await;
+        // Refusing to run against this Redis means writing nothing to it.
+        if self.unfit.is_none() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.sink.set_status(&[("state", "stopped".to_owned())]),
+            )
+            .await;
+        }
         info!("stopped");
     }
 }

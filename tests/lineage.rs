@@ -193,7 +193,9 @@ fn redis_refusing_writes_shows_in_status_and_heals() {
     s.producer.put("k0", Some("{\"v\":0}"));
     s.producer.flush();
     converges(&redis, &s.producer);
-    wait_until(CONVERGE, "live", || redis.state().as_deref() == Some("live"));
+    wait_until(CONVERGE, "live", || {
+        redis.state().as_deref() == Some("live")
+    });
     // Just above what Redis uses now: the next writes are refused.
     let used: u64 = {
         let info: String = redis::cmd("INFO")
@@ -271,7 +273,10 @@ fn an_evicting_redis_is_refused_unless_accepted() {
         "{log}"
     );
     let n_keys: u64 = redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap();
-    assert_eq!(n_keys, 0, "nothing is written when refusing");
+    assert_eq!(
+        n_keys, 0,
+        "nothing is written when refusing (not even the marker)"
+    );
 
     let mut accepting = AgentConfig::new(redis.url(), &s.topic, "device:");
     accepting.extra_redis = "allow_eviction = true\n".into();
