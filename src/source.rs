@@ -68,6 +68,10 @@ pub struct SourceContext {
     /// few seconds: right after a reconnect they may still be the ones from
     /// before the outage.
     up_since: std::sync::Mutex<Option<Instant>>,
+    /// Fetch responses refused for being over `receive.message.max.bytes`
+    /// (one record batch too large for the budget): librdkafka drops the
+    /// connection, which stalls every partition fetched over it.
+    oversize_responses: AtomicU64,
 }
 
 impl ClientContext for SourceContext {
@@ -137,6 +141,13 @@ impl ClientContext for SourceContext {
             // End of partition is news, not an error (the pipeline asks for
             // watermarks to know it caught up).
             KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => return,
+            // librdkafka reports this case with a generic code; only its
+            // text says which (rdkafka_transport.c, "Invalid response size").
+            KafkaError::Global(RDKafkaErrorCode::BadMessage)
+                if reason.contains("Invalid response size") =>
+            {
+                self.oversize_responses.fetch_add(1, Ordering::Relaxed);
+            }
             KafkaError::Global(RDKafkaErrorCode::AllBrokersDown) => {
                 self.brokers_down.store(true, Ordering::Relaxed);
                 *self.up_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -521,6 +532,52 @@ impl Source {
         self.consumer
             .commit(&list, CommitMode::Async)
             .map_err(|e| SourceError::Request(e.to_string()))
+    }
+
+    /// How many fetch responses librdkafka refused as larger than
+    /// `receive.message.max.bytes` so far.
+    pub fn oversize_responses(&self) -> u64 {
+        self.consumer
+            .context()
+            .oversize_responses
+            .load(Ordering::Relaxed)
+    }
+
+    /// Stops (`pause`) or restarts fetching these partitions, keeping their
+    /// positions.
+    pub fn pause(&self, partitions: &[PartitionId], pause: bool) -> Result<(), SourceError> {
+        let mut list = TopicPartitionList::new();
+        for &(topic_idx, partition) in partitions {
+            list.add_partition(&self.topic_names[topic_idx], partition);
+        }
+        let result = if pause {
+            self.consumer.pause(&list)
+        } else {
+            self.consumer.resume(&list)
+        };
+        result.map_err(|e| SourceError::Request(e.to_string()))
+    }
+
+    /// Asks the broker for the log end of these partitions in the
+    /// background (ListOffsets): for partitions that are paused, whose
+    /// watermarks librdkafka no longer learns from fetches.
+    pub fn log_end_task(
+        &self,
+        partitions: Vec<PartitionId>,
+    ) -> tokio::task::JoinHandle<Result<Vec<(PartitionId, i64)>, SourceError>> {
+        let consumer = self.consumer.clone();
+        let names = self.topic_names.clone();
+        tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .map(|(topic_idx, partition)| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&names[topic_idx], partition, REQUEST_TIMEOUT)
+                        .map_err(|e| SourceError::Request(e.to_string()))?;
+                    Ok(((topic_idx, partition), high))
+                })
+                .collect()
+        })
     }
 
     /// Adds partitions (a topic grew, or appeared) to the assignment.

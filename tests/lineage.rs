@@ -313,3 +313,90 @@ fn a_missing_topic_is_waited_for() {
     });
     drop(agent);
 }
+
+/// A record batch larger than the agent may receive (`receive.message.max.bytes`,
+/// derived from the memory budget) stops only its own partition: another
+/// partition of the same topic and another topic on the same broker keep
+/// flowing, and the status shows the stuck partition, its offset and its
+/// true lag.
+#[test]
+fn an_oversized_record_stops_only_its_partition() {
+    let big_topic = unique("lineage-big");
+    let other_topic = unique("lineage-other");
+    create_topic_configs(
+        &big_topic,
+        2,
+        &[
+            ("cleanup.policy", "compact"),
+            ("max.message.bytes", "3000000"),
+        ],
+    );
+    create_topic(&other_topic, 1);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(redis.url(), &big_topic, "a:");
+    // The smallest budget: a response may be at most 1 MiB + 64 KiB.
+    config.extra_agent = "memory_budget_mib = 4".into();
+    config
+        .topics
+        .push((other_topic.clone(), "b:".into(), "json", "postcard"));
+    let config = config.write(dir.path());
+    let mut big = TestProducer::new(&big_topic);
+    let mut other = TestProducer::new(&other_topic);
+    big.send_to(Some(b"k0"), Some(b"{\"v\":0}"), Some(0));
+    big.flush();
+    let giant = format!("{{\"blob\":\"{}\"}}", "x".repeat(1_900_000));
+    big.send_to(Some(b"k1"), Some(giant.as_bytes()), Some(0));
+    big.flush();
+    big.send_to(Some(b"k2"), Some(b"{\"v\":2}"), Some(0));
+    for i in 0..50 {
+        big.send_to(
+            Some(format!("p1-{i}").as_bytes()),
+            Some(b"{\"v\":1}"),
+            Some(1),
+        );
+    }
+    big.flush();
+    let agent = Agent::start_with_env(&config, &[]);
+    for i in 0..50 {
+        other.put(&format!("o{i}"), Some("{\"v\":1}"));
+    }
+    other.flush();
+    wait_until(
+        Duration::from_secs(90),
+        "the other topic and partition to be mirrored",
+        || redis.dump("b:").len() == 50 && redis.dump("a:p1-").len() == 50,
+    );
+    // k0 came before the giant record; k2 after it, so it cannot be there.
+    assert!(redis.dump("a:k0").len() == 1);
+    assert!(redis.dump("a:k2").is_empty());
+    let field = format!("stuck.{big_topic}/0");
+    wait_until(
+        Duration::from_secs(30),
+        "the stuck partition in the status",
+        || {
+            let status = redis.hgetall("edgecache:status");
+            status.get(&field).map(String::as_str) == Some("1")
+                && status
+                    .get(&format!("lag.{big_topic}/0"))
+                    .map(String::as_str)
+                    == Some("2")
+                && status.get("state").map(String::as_str) == Some("partition-stuck")
+        },
+    );
+    // Live updates of the other topic still flow with the partition stuck.
+    other.put("o-live", Some("{\"v\":2}"));
+    other.flush();
+    wait_until(
+        Duration::from_secs(30),
+        "a live update of the other topic",
+        || redis.dump("b:o-live").len() == 1,
+    );
+    let (code, out, err) = run_cli(&["status", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("partition-stuck") && out.contains("at offset 1"),
+        "{out}"
+    );
+    drop(agent);
+}
