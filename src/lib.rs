@@ -21,9 +21,10 @@
 //! `source`, `sink`, `pipeline`, `priority`, `metrics` and `cli` need the `agent` feature (on by
 //! default); without it only the pure modules are built (fuzz/ uses that).
 
-// Two exceptions, allowed where they are: `source::Source::fetched_watermarks`,
-// a read-only librdkafka call that rust-rdkafka does not wrap, and
-// `priority`'s getpriority/setpriority calls.
+// Three exceptions, allowed where they are: `source::Source::fetched_watermarks`,
+// a read-only librdkafka call that rust-rdkafka does not wrap; `source`'s
+// `topic_ids` module, librdkafka's DescribeTopics (topic IDs), which it does
+// not wrap either; and `priority`'s getpriority/setpriority calls.
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
