@@ -231,7 +231,7 @@ if current then
   return {current, 0}
 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return {ARGV[1], 1}
 "#;
 
@@ -477,6 +477,9 @@ pub struct MetaKeys {
     pub seen: String,
     /// The field table of stored format 2 (a hash, number → name).
     pub fields: String,
+    /// Kafka's topic ID (KIP-516) of each topic the offsets were taken
+    /// from (a hash, topic → ID).
+    pub topic_ids: String,
 }
 
 impl MetaKeys {
@@ -487,6 +490,7 @@ impl MetaKeys {
             status: format!("{namespace}:status"),
             seen: format!("{namespace}:seen"),
             fields: format!("{namespace}:fields"),
+            topic_ids: format!("{namespace}:topic_ids"),
         }
     }
 }
@@ -596,6 +600,7 @@ impl Sink {
                     .key(&keys.offsets)
                     .key(&keys.status)
                     .key(&keys.seen)
+                    .key(&keys.topic_ids)
                     .arg(&candidate)
                     .invoke_async(&mut c)
                     .await
@@ -955,6 +960,29 @@ impl Sink {
             .await;
     }
 
+    /// The topic IDs the stored offsets were taken from (topic → ID).
+    pub async fn topic_ids(&mut self) -> Result<Vec<(String, String)>, SinkError> {
+        let key = self.keys.topic_ids.clone();
+        Ok(self
+            .call(|mut c| async move { redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
+            .await?)
+    }
+
+    /// Records the topic ID the offsets of `topic` are taken from.
+    pub async fn set_topic_id(&mut self, topic: &str, id: &str) -> Result<(), SinkError> {
+        let key = self.keys.topic_ids.clone();
+        let (topic, id) = (topic.to_owned(), id.to_owned());
+        self.call(|mut c| async move {
+            redis::cmd("HSET")
+                .arg(&key)
+                .arg(topic)
+                .arg(id)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Notes in the offsets hash that these topics' lineage resync is
     /// pending (`on`), or done: a restart then finishes a pending one.
     pub async fn mark_lineage(&mut self, topics: &[String], on: bool) -> Result<(), SinkError> {
@@ -1069,7 +1097,7 @@ impl Sink {
         add(&[b"GET", k.marker.as_bytes()]);
         add(&[b"SET", k.marker.as_bytes(), b"x"]);
         add(&[b"DEL", k.marker.as_bytes()]);
-        for hash in [&k.offsets, &k.status, &k.fields] {
+        for hash in [&k.offsets, &k.status, &k.fields, &k.topic_ids] {
             add(&[b"HGETALL", hash.as_bytes()]);
             add(&[b"HGET", hash.as_bytes(), b"f"]);
             add(&[b"HMGET", hash.as_bytes(), b"f"]);
