@@ -121,6 +121,7 @@ rm -f "$M/etc/systemd/system/multi-user.target.wants/redis-server.service"
 cp "$deb" "$M/root/edgecache.deb"
 
 say "Booting it: systemd-nspawn -b --register=no --keep-unit"
+tboot=$SECONDS
 systemd-nspawn -q -b --register=no --keep-unit -D "$M" --console=read-only \
   >"$WORK/console.log" 2>&1 &
 NSPAWN=$!
@@ -134,9 +135,12 @@ done
 # A command inside the container (all its namespaces), with a clean
 # environment so nothing of this shell leaks in.
 ct() { nsenter -t "$LEADER" -a -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin TERM=dumb "$@"; }
+# systemctl fails until systemd has opened its private bus socket.
+for _ in $(seq 100); do ct systemctl is-system-running >/dev/null 2>&1 && break
+  [[ $(ct systemctl is-system-running 2>/dev/null) == "" ]] || break; sleep 0.2; done
 state=$(ct timeout 90 systemctl is-system-running --wait || true)
 [[ $state == running ]] || { ct systemctl --failed --no-pager >&2 || true; die "container boot: $state"; }
-echo "systemd $(ct systemctl --version | head -1 | cut -d' ' -f2) is PID 1 in the container, $state after $((SECONDS - T0)) s"
+echo "systemd $(ct systemctl --version | head -1 | cut -d' ' -f2) is PID 1 in the container, $state $((SECONDS - tboot)) s after boot"
 
 # From here a failure also shows the agent's journal.
 die() {
@@ -196,8 +200,10 @@ expect NRestarts 0 "bad configuration: no restart"
 n=$(ct journalctl -u edgecache --after-cursor="$c" -o cat | grep -c 'invalid configuration' || true)
 [[ $n == 1 ]] || die "$n 'invalid configuration' lines in 8 s, want 1"
 ct journalctl -u edgecache --after-cursor="$c" -o cat | grep 'invalid configuration' | sed 's/^/  journal: /'
-ct systemctl status edgecache --no-pager 2>&1 | grep -E 'Active:|Main PID:' | sed 's/^/  status: /'
-ct systemctl status edgecache --no-pager 2>&1 | grep -q 'status=78/CONFIG' || die "status does not show 78/CONFIG"
+# (systemctl status exits 3 for a failed unit.)
+st=$(ct systemctl status edgecache --no-pager 2>&1 || true)
+grep -E 'Active:|Main PID:' <<<"$st" | sed 's/^/  status: /'
+grep -q 'Main PID: .*(code=exited, status=78' <<<"$st" || die "status does not show status=78"
 echo "ok: failed, status=78, NRestarts=0, one attempt in 8 s"
 
 say "3. $RECORDS records over $KEYS keys, then systemctl start (rehydrate)"
@@ -225,7 +231,7 @@ expect ActiveState active "after start"
 expect SubState running "after start"
 status=$(show StatusText)
 [[ $status == live* ]] || die "STATUS=$status, want live..."
-ct systemctl status edgecache --no-pager 2>&1 | grep -E 'Active:|Status:' | sed 's/^/  status: /'
+{ ct systemctl status edgecache --no-pager 2>&1 || true; } | grep -E 'Active:|Status:' | sed 's/^/  status: /'
 [[ $(rcli hget edgecache:status records) == "$RECORDS" ]] ||
   die "status records=$(rcli hget edgecache:status records), want $RECORDS"
 [[ $(rcli hget edgecache:status state) == live ]] || die "state $(rcli hget edgecache:status state)"
@@ -251,20 +257,44 @@ keys=$(rcli --scan --pattern 'st:*' | wc -l)
 [[ $keys == $((KEYS - live / 2)) ]] || die "$keys keys after the tombstones, want $((KEYS - live / 2))"
 echo "ok: $((live / 2)) updates and $((live / 2)) deletes applied live"
 
-# Niceness: raised for the rehydrate, back to 0 once live (LimitNICE=+0).
+# Niceness: raised for the rehydrate (setpriority passes the syscall
+# filter), back to 0 once live, which needs RLIMIT_NICE 20 (LimitNICE=+0).
 log=$(ct journalctl -u edgecache --after-cursor="$c" -o cat)
-grep -q 'niceness=10.*CPU priority for catching up\|CPU priority for catching up.*niceness=10' <<<"$log" ||
-  die "no 'CPU priority for catching up' at niceness 10 in the journal"
-grep -q 'niceness=0.*CPU priority for live\|CPU priority for live.*niceness=0' <<<"$log" ||
-  die "no return to niceness 0 in the journal"
-! grep -q 'cannot set niceness' <<<"$log" || die "niceness switch failed: $(grep 'cannot set niceness' <<<"$log")"
+grep -q 'CPU priority for catching up niceness=10' <<<"$log" ||
+  die "no 'CPU priority for catching up niceness=10' in the journal"
+[[ $(show LimitNICE) == 20 ]] || die "systemd parsed LimitNICE=+0 as $(show LimitNICE), want 20"
 pid=$(show MainPID)
-nices=$(ct sh -c "for s in /proc/$pid/task/*/stat; do sed 's/.*) //' \$s | cut -d' ' -f17; done" | sort -u | tr '\n' ' ')
-[[ $nices == "0 " ]] || die "agent threads' niceness now: $nices, want 0"
-echo "ok: niceness 10 while rehydrating, all $(ct sh -c "ls /proc/$pid/task | wc -l") threads back at 0"
+nices() { ct sh -c "for s in /proc/$pid/task/*/stat; do sed 's/.*) //' \$s | cut -d' ' -f17; done" | sort -u | tr '\n' ' '; }
+nice_limit() { ct sh -c "grep 'Max nice priority' /proc/$1/limits" | awk '{print $(NF-1)}'; }
+nthreads=$(ct sh -c "ls /proc/$pid/task | wc -l")
+capped=no
+if [[ $(nice_limit "$pid") == 20 ]]; then
+  grep -q 'CPU priority for live updates niceness=0' <<<"$log" || die "no return to niceness 0 in the journal"
+  [[ $(nices) == "0 " ]] || die "agent threads' niceness now: $(nices), want 0"
+  echo "ok: niceness 10 while rehydrating, all $nthreads threads back at 0 (RLIMIT_NICE 20)"
+elif (($(nice_limit 1) < 20)); then
+  # The container's PID 1 itself has a lower hard RLIMIT_NICE (inherited
+  # from the host, and raising it needs CAP_SYS_RESOURCE, which some CI
+  # sandboxes drop), so no unit can get 20 here. What is left to check is
+  # the documented fallback; the return itself is NOT proven on this host.
+  capped=yes
+  grep -q 'cannot set niceness 0 for live updates.*RLIMIT_NICE' <<<"$log" ||
+    die "RLIMIT_NICE capped, but no warning naming it"
+  [[ $(nices) == "10 " ]] || die "agent threads' niceness now: $(nices), want 10 (capped)"
+  echo "NOT VERIFIED ON THIS HOST: the return to niceness 0. The container's PID 1 has a hard"
+  bnd=0x$(awk '/^CapBnd/ {print $2}' /proc/self/status)
+  echo "  RLIMIT_NICE of $(nice_limit 1) (host: $(ulimit -He); CAP_SYS_RESOURCE (bit 24) in the host's bounding set:"
+  echo "  $(( (bnd >> 24) & 1 ))), so LimitNICE=+0 (=20) cannot be granted."
+  echo "  Checked instead: systemd parsed LimitNICE=20, the agent raised to 10, warned once"
+  echo "  naming RLIMIT_NICE and kept all $nthreads threads at 10 while mirroring."
+else
+  die "the agent's RLIMIT_NICE is $(nice_limit "$pid") though PID 1 could grant 20"
+fi
 
 # The journal of this run: no seccomp kill, no EPERM from the filter, no
 # restart, no warning or error from the agent.
+# (With RLIMIT_NICE capped, the expected niceness warning is the exception.)
+[[ $capped == no ]] || log=$(grep -v 'cannot set niceness 0 for live updates.*RLIMIT_NICE' <<<"$log")
 bad=$(grep -Ei 'SIGSYS|bad system call|operation not permitted|EPERM|permission denied|core-dump|restart| WARN | ERROR |watchdog' <<<"$log" || true)
 [[ -z $bad ]] || die "journal not clean: $bad"
 expect NRestarts 0 "after rehydrate and live updates"
@@ -279,7 +309,7 @@ ct systemctl restart edgecache || die "restart with WatchdogSec=5 failed"
 old=$(show MainPID) n0=$(show NRestarts)
 c=$(cursor)
 t=$SECONDS
-ct kill -STOP "$old"
+ct sh -c "kill -STOP $old"   # (minbase has no kill binary)
 until [[ $(show NRestarts) -gt $n0 && $(show ActiveState) == active && $(show MainPID) != "$old" ]]; do
   ((SECONDS - t < 60)) || die "no watchdog restart 60 s after SIGSTOP"
   sleep 0.5
