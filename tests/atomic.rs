@@ -1011,9 +1011,9 @@ fn incr_file(redis: &Redis) -> PathBuf {
         .expect("the AOF manifest (Redis 7 multi-part AOF)");
     let name = manifest
         .lines()
+        .rev()
         .filter(|l| l.ends_with("type i"))
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .last()
+        .find_map(|l| l.split_whitespace().nth(1))
         .unwrap_or_else(|| panic!("no incr file in the manifest:\n{manifest}"));
     dir.join(name)
 }
