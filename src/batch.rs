@@ -74,6 +74,10 @@ pub struct Batch {
     /// the number of assigned partitions, not by the data.
     next_offsets: BTreeMap<PartitionId, i64>,
     counts: Counts,
+    /// The same counters per partition: stored next to each partition's
+    /// offset, in the same command, so a torn append-only file can never
+    /// keep one without the other.
+    partition_counts: BTreeMap<PartitionId, Counts>,
     n_bytes: usize,
     max_records: usize,
     max_bytes: usize,
@@ -91,6 +95,7 @@ impl Batch {
             ops: Box::default(),
             next_offsets: BTreeMap::new(),
             counts: Counts::default(),
+            partition_counts: BTreeMap::new(),
             n_bytes: 0,
             max_records: max_records.clamp(1, BATCH_CAPACITY),
             max_bytes,
@@ -127,6 +132,7 @@ impl Batch {
             }
         }
         self.counts.records += 1;
+        self.partition_counts.entry(partition).or_default().records += 1;
         self.advance(partition, offset);
     }
 
@@ -155,12 +161,14 @@ impl Batch {
     /// Counts a record outside the agent's scope; its offset advances.
     pub fn filter_out(&mut self, partition: PartitionId, offset: i64) {
         self.counts.filtered += 1;
+        self.partition_counts.entry(partition).or_default().filtered += 1;
         self.advance(partition, offset);
     }
 
     /// Counts a skipped record; its offset still advances (G7).
     pub fn skip(&mut self, partition: PartitionId, offset: i64, reason: SkipReason) {
         self.counts.skipped[reason as usize] += 1;
+        self.partition_counts.entry(partition).or_default().skipped[reason as usize] += 1;
         self.advance(partition, offset);
     }
 
@@ -187,6 +195,14 @@ impl Batch {
 
     pub fn counts(&self) -> Counts {
         self.counts
+    }
+
+    /// [`Batch::counts`] of one partition (zero for one not touched).
+    pub fn partition_counts(&self, partition: PartitionId) -> Counts {
+        self.partition_counts
+            .get(&partition)
+            .copied()
+            .unwrap_or_default()
     }
 
     pub fn n_bytes(&self) -> usize {
@@ -226,6 +242,7 @@ impl Batch {
         self.ops.clear();
         self.next_offsets.clear();
         self.counts = Counts::default();
+        self.partition_counts.clear();
         self.n_bytes = 0;
     }
 }

@@ -6,7 +6,30 @@
 //! offset Kafka still has. Kafka consumer-group commits (`kafka.commit_group`)
 //! are only for operators' lag tools and are never read back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The offsets hash field holding the apply sequence number: every apply
+/// script checks it holds the number the agent last wrote and writes the
+/// next one, in the same command as the offsets. Another number means Redis
+/// changed under the agent (restored from a snapshot, a replica promoted, a
+/// torn append-only file): the agent re-reads its positions from Redis.
+pub const SEQ_FIELD: &str = "seq";
+
+/// The offsets hash field of one of a partition's counters (`records`,
+/// `filtered`, `skipped_undecodable`, `skipped_no_key`, `skipped_oversize`;
+/// absolute, an integer like every value of the hash), written in the same
+/// command as the partition's offset so the two never part:
+/// `<counter>@<topic>/<partition>`.
+pub fn counter_field(counter: &str, topic: &str, partition: i32) -> String {
+    format!("{counter}@{topic}/{partition}")
+}
+
+/// The offsets hash field that marks a topic whose Kafka lineage changed
+/// (deleted and recreated): its resync must run to the end even across
+/// restarts, since the stored offsets no longer say what is missing.
+pub fn lineage_field(topic: &str) -> String {
+    format!("{topic}:lineage")
+}
 
 /// Where a partition's reading starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +52,10 @@ pub struct StoredOffsets {
     pub next: BTreeMap<(usize, i32), i64>,
     /// Fields that could not be understood; reported, then ignored.
     pub ignored: Vec<String>,
+    /// The apply sequence number ([`SEQ_FIELD`]; 0 when absent).
+    pub seq: u64,
+    /// Topics (by index) whose lineage resync has not finished.
+    pub lineage_pending: BTreeSet<usize>,
 }
 
 impl StoredOffsets {
@@ -37,6 +64,20 @@ impl StoredOffsets {
     pub fn parse(topic_names: &[String], fields: Vec<(String, String)>) -> StoredOffsets {
         let mut stored = StoredOffsets::default();
         for (field, value) in fields {
+            if field == SEQ_FIELD {
+                stored.seq = value.parse().unwrap_or(0);
+                continue;
+            }
+            // Per-partition counters are read by the reconcile script only.
+            if field.contains('@') {
+                continue;
+            }
+            if let Some(topic) = field.strip_suffix(":lineage") {
+                if let Some(idx) = topic_names.iter().position(|t| t == topic) {
+                    stored.lineage_pending.insert(idx);
+                }
+                continue;
+            }
             let parsed = field.rsplit_once('/').and_then(|(topic, partition)| {
                 let topic_idx = topic_names.iter().position(|t| t == topic)?;
                 let partition: i32 = partition.parse().ok().filter(|p| *p >= 0)?;
@@ -76,8 +117,13 @@ mod tests {
                 ("gone/0".into(), "3".into()),
                 ("a/x".into(), "3".into()),
                 ("a/1".into(), "-4".into()),
+                ("seq".into(), "42".into()),
+                ("records@a/0".into(), "3".into()),
+                ("a:lineage".into(), "1".into()),
             ],
         );
+        assert_eq!(stored.seq, 42);
+        assert!(stored.lineage_pending.contains(&0));
         assert_eq!(stored.start(0, 0), Start::At(17));
         assert_eq!(stored.start(1, 2), Start::At(5));
         assert_eq!(stored.start(0, 1), Start::Earliest);

@@ -108,6 +108,12 @@ pub async fn execute(cli: Cli) -> ExitCode {
             );
             match crate::pipeline::run(&settings, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
+                // Restarting cannot fix how Redis is set up (systemd's
+                // RestartPreventExitStatus=78).
+                Err(e @ crate::pipeline::RunError::RedisUnfit(_)) => {
+                    tracing::error!("{e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
                 Err(e) => {
                     tracing::error!("{e}");
                     ExitCode::FAILURE
@@ -210,41 +216,118 @@ async fn get(settings: &Settings, key: &[u8], meta: bool) -> ExitCode {
     }
 }
 
+/// How old the status hash's heartbeat (`updated_ms`, written every
+/// second by a running agent) may be before `status` stops trusting it.
+const STALE_AFTER_MS: i64 = 5_000;
+
+/// The agent's runtime file (`$RUNTIME_DIRECTORY/status.json`, by default
+/// the unit's `/run/edgecache`), if it is there and of this namespace.
+fn runtime_status(namespace: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let dir = std::env::var_os("RUNTIME_DIRECTORY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("/run/edgecache"));
+    let text = std::fs::read_to_string(dir.join(crate::sink::RUNTIME_STATUS_FILE)).ok()?;
+    let serde_json::Value::Object(map) = serde_json::from_str(&text).ok()? else {
+        return None;
+    };
+    (map.get("namespace").and_then(|v| v.as_str()) == Some(namespace)).then_some(map)
+}
+
 async fn status(settings: &Settings, json: bool) -> ExitCode {
     let mut sink = match sink_for(settings) {
         Ok(sink) => sink,
         Err(code) => return code,
     };
-    match sink.status().await {
-        Ok(fields) if fields.is_empty() => {
+    let now = crate::sink::now_ms();
+    let runtime = runtime_status(&settings.namespace).filter(|r| {
+        r.get("updated_ms")
+            .and_then(|v| v.as_i64())
+            .is_some_and(|ms| now - ms < STALE_AFTER_MS)
+    });
+    let (mut fields, code) = match sink.status().await {
+        Ok(fields) if fields.is_empty() && runtime.is_none() => {
             eprintln!("edgecache: no status in Redis (agent never ran against this Redis?)");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
-        Ok(fields) => {
-            let fields: std::collections::BTreeMap<String, String> = fields.into_iter().collect();
-            if json {
-                // Numbers as numbers, so scripts need no parsing.
-                let map: serde_json::Map<String, serde_json::Value> = fields
-                    .into_iter()
-                    .map(|(k, v)| {
-                        let value = v
-                            .parse::<i64>()
-                            .map(serde_json::Value::from)
-                            .unwrap_or(serde_json::Value::String(v));
-                        (k, value)
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Object(map));
-            } else {
-                print!("{}", human_status(&fields, crate::sink::now_ms()));
-            }
-            ExitCode::SUCCESS
+        Ok(fields) => (
+            fields
+                .into_iter()
+                .collect::<std::collections::BTreeMap<String, String>>(),
+            ExitCode::SUCCESS,
+        ),
+        Err(e) if runtime.is_some() => {
+            eprintln!("edgecache: {e}");
+            (Default::default(), ExitCode::from(3))
         }
         Err(e) => {
             eprintln!("edgecache: {e}");
-            ExitCode::from(3)
+            return ExitCode::from(3);
+        }
+    };
+    // The hash says what the agent last managed to write. A running agent
+    // writes it every second; when it has not, the hash is not the truth:
+    // the agent stopped, or Redis refuses its writes.
+    let updated = fields.get("updated_ms").and_then(|v| v.parse::<i64>().ok());
+    let stale = fields.get("state").map(String::as_str) != Some("stopped")
+        && updated.is_none_or(|ms| now - ms >= STALE_AFTER_MS);
+    if let Some(runtime) = &runtime {
+        for key in [
+            "state",
+            "redis_error",
+            "redis_error_message",
+            "redis_error_since_ms",
+        ] {
+            match runtime.get(key) {
+                Some(serde_json::Value::String(v)) if v.is_empty() => {
+                    fields.remove(key);
+                }
+                Some(serde_json::Value::String(v)) => {
+                    fields.insert(key.to_owned(), v.clone());
+                }
+                Some(serde_json::Value::Number(n)) if n.as_i64() != Some(0) => {
+                    fields.insert(key.to_owned(), n.to_string());
+                }
+                _ => {}
+            }
+        }
+    } else if stale {
+        let age_s = updated.map(|ms| (now - ms) / 1000);
+        match sink.write_refusal().await {
+            Some(reason) => {
+                fields.insert("state".into(), "redis-unreachable".into());
+                let code = reason.split(' ').next().unwrap_or("ERR").to_owned();
+                fields.insert("redis_error".into(), code);
+                fields.insert("redis_error_message".into(), reason);
+            }
+            None => {
+                fields.insert("state".into(), "unknown".into());
+                fields.insert(
+                    "redis_error_message".into(),
+                    "the agent has not updated its status: stopped, or not running".into(),
+                );
+            }
+        }
+        if let Some(age_s) = age_s {
+            fields.insert("stale_s".into(), age_s.to_string());
         }
     }
+    if json {
+        // Numbers as numbers, so scripts need no parsing.
+        let map: serde_json::Map<String, serde_json::Value> = fields
+            .into_iter()
+            .map(|(k, v)| {
+                let value = v
+                    .parse::<i64>()
+                    .map(serde_json::Value::from)
+                    .unwrap_or(serde_json::Value::String(v));
+                (k, value)
+            })
+            .collect();
+        println!("{}", serde_json::Value::Object(map));
+    } else {
+        print!("{}", human_status(&fields, now));
+    }
+    code
 }
 
 /// The status hash as a short summary with ages instead of timestamps.
@@ -260,6 +343,26 @@ fn human_status(fields: &std::collections::BTreeMap<String, String>, now_ms: i64
         fields.get("state").map(String::as_str).unwrap_or("unknown"),
         age("state_since_ms")
     ));
+    if let Some(reason) = fields.get("redis_error") {
+        out.push_str(&format!(
+            "redis error   {reason} (since {}): {}\n",
+            age("redis_error_since_ms"),
+            fields
+                .get("redis_error_message")
+                .map(String::as_str)
+                .unwrap_or("")
+        ));
+    } else if let Some(message) = fields.get("redis_error_message") {
+        out.push_str(&format!("note          {message}\n"));
+    }
+    if let Some(stale) = fields.get("stale_s") {
+        out.push_str(&format!(
+            "status hash   not updated for {stale} s (the fields below are as last written)\n"
+        ));
+    }
+    if let Some(topics) = fields.get("waiting_for_topics").filter(|t| !t.is_empty()) {
+        out.push_str(&format!("waiting for   topics {topics} (not in Kafka)\n"));
+    }
     out.push_str(&format!("lag           {} records\n", get("lag")));
     // Per-partition fields are `lag.<topic>/<partition>`; show the behind ones.
     let behind: Vec<String> = fields

@@ -125,6 +125,12 @@ pub struct RedisConfig {
     /// `set <key>` or `del <key>`, in the same atomic step as the write.
     #[serde(default)]
     pub publish_channel: Option<String>,
+    /// Run against a Redis whose `maxmemory-policy` may evict the agent's
+    /// keys (`allkeys-*`, or `volatile-*` with a topic's `ttl_secs`).
+    /// Evicted keys are missing from the mirror until their next record, and
+    /// nothing tells readers; off by default, so the agent refuses to start.
+    #[serde(default)]
+    pub allow_eviction: bool,
 }
 
 fn default_namespace() -> String {

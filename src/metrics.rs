@@ -39,8 +39,9 @@ const AGE_BUCKETS_MS: [u64; 13] = [
     1, 2, 5, 10, 20, 50, 100, 250, 1_000, 5_000, 30_000, 300_000, 3_600_000,
 ];
 
-const STATES: [State; 7] = [
+const STATES: [State; 8] = [
     State::Starting,
+    State::WaitingForTopic,
     State::Rehydrating,
     State::CatchingUp,
     State::Live,
@@ -120,6 +121,8 @@ pub struct Metrics {
     kafka_errors: AtomicU64,
     kafka_client_errors: AtomicU64,
     rehydrates: AtomicU64,
+    divergences: AtomicU64,
+    lineage_resyncs: AtomicU64,
     fetch_queue_records: AtomicU64,
     fetch_queue_bytes: AtomicU64,
     last_contact_ms: AtomicI64,
@@ -143,6 +146,8 @@ impl Metrics {
             kafka_errors: AtomicU64::new(0),
             kafka_client_errors: AtomicU64::new(0),
             rehydrates: AtomicU64::new(0),
+            divergences: AtomicU64::new(0),
+            lineage_resyncs: AtomicU64::new(0),
             fetch_queue_records: AtomicU64::new(0),
             fetch_queue_bytes: AtomicU64::new(0),
             last_contact_ms: AtomicI64::new(0),
@@ -195,6 +200,14 @@ impl Metrics {
 
     pub fn rehydrated(&self) {
         self.rehydrates.fetch_add(1, Relaxed);
+    }
+
+    pub fn diverged(&self) {
+        self.divergences.fetch_add(1, Relaxed);
+    }
+
+    pub fn lineage_resynced(&self) {
+        self.lineage_resyncs.fetch_add(1, Relaxed);
     }
 
     pub fn set_state(&self, state: State) {
@@ -283,6 +296,18 @@ impl Metrics {
             "counter",
             "Times Redis lost the agent's state and everything was read again.",
             counter(&self.rehydrates),
+        );
+        metric(
+            "edgecache_redis_divergences_total",
+            "counter",
+            "Times Redis held another apply than the agent last wrote (restored, promoted replica, torn AOF) and positions were re-read from it.",
+            counter(&self.divergences),
+        );
+        metric(
+            "edgecache_lineage_resyncs_total",
+            "counter",
+            "Times a topic turned out to be another than the stored offsets were taken from (deleted and recreated) and was resynced.",
+            counter(&self.lineage_resyncs),
         );
         metric(
             "edgecache_kafka_fetch_queue_records",

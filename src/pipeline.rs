@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::priority::Priority;
 use crate::resync::{self, Resync};
-use crate::sink::{PendingApply, Sink, SinkError};
+use crate::sink::{Held, PendingApply, Sink, SinkError};
 use crate::source::{Event, Incoming, Source, SourceError};
 use futures_util::FutureExt;
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,6 +44,11 @@ const CAUGHT_UP_WRITE_EVERY: Duration = Duration::from_secs(10);
 /// and a failed read is retried after `RETENTION_RETRY`.
 const RETENTION_REFRESH: Duration = Duration::from_secs(600);
 const RETENTION_RETRY: Duration = Duration::from_secs(10);
+/// How often a running agent checks again that Redis does not evict and
+/// lets it do what it needs.
+const FIT_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// Metadata is read this often while a configured topic does not exist.
+const MISSING_TOPIC_LOOK_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -53,12 +58,19 @@ pub enum RunError {
     Sink(#[from] SinkError),
     #[error("metrics.listen: cannot listen on {0}: {1}")]
     MetricsListen(std::net::SocketAddr, std::io::Error),
+    /// Redis is set up so that the agent cannot keep its promises (an
+    /// evicting `maxmemory-policy`, a missing ACL permission): restarting
+    /// does not help, so the agent stops (exit 78, like a bad configuration).
+    #[error("{0}")]
+    RedisUnfit(String),
 }
 
 /// What the agent is doing; written to `<ns>:status` field `state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Starting,
+    /// A configured topic does not exist (yet); the others are mirrored.
+    WaitingForTopic,
     Rehydrating,
     CatchingUp,
     Live,
@@ -72,6 +84,7 @@ impl State {
     pub fn as_str(self) -> &'static str {
         match self {
             State::Starting => "starting",
+            State::WaitingForTopic => "waiting-for-topic",
             State::Rehydrating => "rehydrating",
             State::CatchingUp => "catching-up",
             State::Live => "live",
@@ -90,6 +103,16 @@ enum Flow {
     /// offset: records already in hand belong to the old assignment.
     Rehydrated,
     Stop,
+}
+
+/// Why the agent re-reads its positions from Redis.
+#[derive(Debug)]
+enum Reload {
+    /// The marker is gone or another.
+    Lost,
+    /// The marker is ours but Redis holds another apply than the agent last
+    /// wrote.
+    Diverged(String),
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -161,12 +184,26 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         retention_task: None,
         retention_tried: None,
         log_start_unchecked: BTreeMap::new(),
+        redis_problem: None,
+        retrying: false,
+        lineage_due: BTreeSet::new(),
+        fit_checked: Instant::now(),
+        lineage_suspect: BTreeSet::new(),
+        unfit: None,
+        missing_topics: Vec::new(),
+        runtime_file: std::env::var_os("RUNTIME_DIRECTORY")
+            .map(|dir| std::path::PathBuf::from(dir).join(crate::sink::RUNTIME_STATUS_FILE)),
+        written_runtime: None,
     };
     // After Source::new, so librdkafka's threads exist and are set too.
     pipeline.priority.set(true);
     tokio::select! {
         _ = signal => unreachable!("the signal future never completes"),
         result = pipeline.run(&source) => result,
+    }?;
+    match pipeline.unfit.take() {
+        Some(why) => Err(RunError::RedisUnfit(why)),
+        None => Ok(()),
     }
 }
 
@@ -237,7 +274,8 @@ struct Pipeline<'s> {
     stop: watch::Receiver<bool>,
     state: State,
     written_state: Option<State>,
-    notified_state: Option<State>,
+    /// The last STATUS= line sent to systemd.
+    notified_state: Option<String>,
     notify: Notifier,
     /// When READY=1 is due even if not caught up (`agent.ready_timeout_secs`).
     ready_by: Instant,
@@ -287,6 +325,28 @@ struct Pipeline<'s> {
     /// Per-partition lag and last Kafka contact as last written to the
     /// status hash.
     reported: Reported,
+    /// Why Redis does not take writes (a Redis error code such as `OOM`,
+    /// `MISCONF`, `READONLY`, `NOPERM`, or `unreachable`), the error text,
+    /// and since when (Unix ms); `None` while it does.
+    redis_problem: Option<(String, String, i64)>,
+    /// True while a batch Redis refused waits in `apply_retrying`.
+    retrying: bool,
+    /// When Redis's eviction policy and the agent's permissions were last
+    /// checked.
+    fit_checked: Instant,
+    /// Topics found to be of another lineage whose resync is yet to start.
+    lineage_due: BTreeSet<usize>,
+    /// Partitions whose log end was below the stored offset at the last
+    /// tick (acted on when it holds for two ticks in a row).
+    lineage_suspect: BTreeSet<PartitionId>,
+    /// Set when Redis is set up so the agent must not run; ends the run.
+    unfit: Option<String>,
+    /// Configured topics the broker does not have (yet).
+    missing_topics: Vec<String>,
+    /// `$RUNTIME_DIRECTORY/status.json` under systemd: the state where
+    /// `edgecache status` finds it when Redis refuses the status hash.
+    runtime_file: Option<std::path::PathBuf>,
+    written_runtime: Option<(State, Option<String>)>,
 }
 
 /// Status fields written once per tick, only when they changed.
@@ -311,16 +371,26 @@ impl Pipeline<'_> {
         if self.connect_redis().await == Flow::Stop {
             return;
         }
-        if self.sink.aof_enabled().await == Some(false) {
-            warn!(
-                "Redis persistence (appendonly) is off: a Redis restart loses the cache \
-                 and the agent will rehydrate everything from Kafka; see the README's \
-                 Redis drop-in"
-            );
+        match self.sink.server_settings().await {
+            Some(server) if !server.appendonly && !server.snapshots => warn!(
+                "Redis persistence is off (appendonly no, no save): a Redis restart loses \
+                 the cache and the agent rehydrates everything from Kafka; see the \
+                 README's Redis drop-in"
+            ),
+            Some(server) if !server.appendonly => warn!(
+                "Redis persists by RDB snapshots only (appendonly no): after a crash Redis \
+                 comes back as of its last snapshot, and readers see those older values \
+                 until the agent, which notices within a second, has read the rest again; \
+                 see the README's Redis drop-in"
+            ),
+            _ => {}
         }
         if self.discover_and_assign(source).await == Flow::Stop {
             return;
         }
+        // A lineage resync a stop interrupted: finish it.
+        self.lineage_due
+            .extend(self.stored.lineage_pending.iter().copied());
 
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -398,6 +468,13 @@ impl Pipeline<'_> {
     async fn connect_redis(&mut self) -> Flow {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
+            // Before anything is written (the marker): Redis as it is set up
+            // may not be fit for the agent at all.
+            if let Some(why) = self.unfit_redis().await {
+                error!("{why}");
+                self.unfit = Some(why);
+                return Flow::Stop;
+            }
             let mut stop = self.stop.clone();
             // Redis calls time out after seconds; keep systemd informed meanwhile.
             let outcome = await_alive(
@@ -437,16 +514,87 @@ impl Pipeline<'_> {
                     self.fields = outcome.fields;
                     self.caught_up_ms = outcome.caught_up_ms;
                     self.caught_up_written = None;
+                    self.redis_fine().await;
                     self.write_state().await;
                     return Flow::Continue;
                 }
                 Err(e) => {
                     warn!("{e}; retrying");
+                    self.redis_refuses(&e).await;
                     if self.pause(backoff.next_delay()).await == Flow::Stop {
                         return Flow::Stop;
                     }
                 }
             }
+        }
+    }
+
+    /// Why the agent must not run against this Redis, if it must not: an
+    /// evicting `maxmemory-policy` (unless `redis.allow_eviction`) or a
+    /// permission the agent's user lacks. Checked at every (re)connect.
+    async fn unfit_redis(&mut self) -> Option<String> {
+        let redis = &self.settings.config.redis;
+        let any_ttl = self.settings.topics.iter().any(|t| t.ttl_ms.is_some());
+        if let Some(server) = self.sink.server_settings().await {
+            if server.may_evict(any_ttl) && !redis.allow_eviction {
+                return Some(format!(
+                    "Redis's maxmemory-policy is {}: Redis may evict mirrored keys, and readers \
+                     would miss them with nothing to tell; set `maxmemory-policy noeviction` \
+                     (systemd/redis-edgecache.conf does), or accept it with \
+                     `redis.allow_eviction = true`",
+                    server.maxmemory_policy
+                ));
+            }
+        }
+        let prefixes: Vec<Vec<u8>> = self
+            .settings
+            .topics
+            .iter()
+            .map(|t| t.key_prefix.clone())
+            .collect();
+        match self.sink.denied_command(&prefixes).await {
+            Ok(None) => None,
+            Ok(Some(command)) => Some(format!(
+                "the agent's Redis user may not run `{command}`: grant it (see the README's \
+                 Redis ACL file, systemd/redis-edgecache.acl)"
+            )),
+            Err(SinkError::Refused { code, message }) if code == "NOPERM" => Some(format!(
+                "the agent's Redis user may not run scripts (EVAL): {message}"
+            )),
+            Err(e) => {
+                debug!("could not check the agent's Redis permissions: {e}");
+                None
+            }
+        }
+    }
+
+    /// Redis refused a write or cannot be reached: state, reason and since
+    /// when go to the metrics, systemd, the runtime file and, where Redis
+    /// still takes that write, the status hash.
+    async fn redis_refuses(&mut self, e: &SinkError) {
+        self.metrics.redis_error();
+        let reason = e.reason().to_owned();
+        let since = match &self.redis_problem {
+            Some((held, _, since)) if *held == reason => *since,
+            _ => crate::sink::now_ms(),
+        };
+        self.redis_problem = Some((reason, e.to_string(), since));
+        self.state = State::RedisUnreachable;
+        self.write_state().await;
+    }
+
+    /// Redis takes writes again: clear the reason.
+    async fn redis_fine(&mut self) {
+        if self.redis_problem.take().is_some() {
+            info!("Redis takes writes again");
+            self.written_state = None;
+            let _ = self
+                .sink
+                .clear_status(&["redis_error", "redis_error_since_ms", "redis_error_message"])
+                .await;
+        }
+        if self.state == State::RedisUnreachable {
+            self.state = self.reachable_state();
         }
     }
 
@@ -473,12 +621,11 @@ impl Pipeline<'_> {
                     let partitions = self.in_scope(partitions);
                     for (topic_idx, topic) in self.settings.topics.iter().enumerate() {
                         let n = partitions.iter().filter(|p| p.0 == topic_idx).count();
-                        if n == 0 {
-                            warn!(topic = %topic.name, "topic has no partitions (does it exist?); will look again");
-                        } else {
+                        if n > 0 {
                             info!(topic = %topic.name, n_partitions = n, "assigning");
                         }
                     }
+                    self.note_missing_topics(&partitions);
                     self.positions = partitions
                         .iter()
                         .map(|&p| (p, self.stored.start(p.0, p.1)))
@@ -504,6 +651,32 @@ impl Pipeline<'_> {
                 }
             }
         }
+    }
+
+    /// Notes which configured topics have no partitions in `found` (they
+    /// do not exist, or none of their configured partitions does): state
+    /// `waiting-for-topic`, and metadata is read every few seconds until
+    /// they appear.
+    fn note_missing_topics(&mut self, found: &[PartitionId]) {
+        let missing: Vec<String> = self
+            .settings
+            .topics
+            .iter()
+            .enumerate()
+            .filter(|(idx, _)| !found.iter().any(|p| p.0 == *idx))
+            .map(|(_, t)| t.name.clone())
+            .collect();
+        for topic in &missing {
+            if !self.missing_topics.contains(topic) {
+                warn!(%topic, "topic does not exist (or has none of the configured partitions); waiting for it");
+            }
+        }
+        for topic in &self.missing_topics {
+            if !missing.contains(topic) {
+                info!(%topic, "topic appeared");
+            }
+        }
+        self.missing_topics = missing;
     }
 
     /// Drops partitions outside a topic's configured `partitions` list.
@@ -585,7 +758,14 @@ impl Pipeline<'_> {
                     None => Op::Set(self.encoded.clone()),
                     Some(ttl_ms) => {
                         let now = crate::sink::now_ms();
-                        let expire_at = incoming.timestamp_ms().unwrap_or(now) + ttl_ms;
+                        // Saturating: a far-future timestamp (Kafka takes any
+                        // up to i64::MAX) must give the longest expiry, not
+                        // wrap around to the past and delete the key. Redis's
+                        // `SET ... PXAT` takes any positive 64-bit time.
+                        let expire_at = incoming
+                            .timestamp_ms()
+                            .unwrap_or(now)
+                            .saturating_add(ttl_ms);
                         if expire_at <= now {
                             // Already older than its TTL: the key must not exist.
                             Op::Delete
@@ -775,14 +955,20 @@ impl Pipeline<'_> {
                     self.applied(source, batch, started).await;
                     return Flow::Continue;
                 }
-                Err(SinkError::Lost) => return self.rehydrate(source).await,
+                Err(SinkError::Lost) => return self.rehydrate(source, Reload::Lost).await,
+                Err(SinkError::Diverged(why)) => {
+                    return self.rehydrate(source, Reload::Diverged(why)).await
+                }
                 Err(e) => {
-                    self.metrics.redis_error();
-                    if self.state != State::RedisUnreachable {
+                    if self.redis_problem.as_ref().map(|p| p.0.as_str()) != Some(e.reason()) {
                         warn!("{e}; keeping the batch and retrying");
-                        self.state = State::RedisUnreachable;
-                        self.write_state().await;
                     }
+                    self.redis_refuses(&e).await;
+                    // Lag and the metrics stay current while the batch waits.
+                    self.lag = self.lag(source).or(self.lag);
+                    self.retrying = true;
+                    self.report(source).await;
+                    self.retrying = false;
                     if self.pause(backoff.next_delay()).await == Flow::Stop {
                         return Flow::Stop;
                     }
@@ -810,9 +996,9 @@ impl Pipeline<'_> {
         let counts = batch.counts();
         self.records_since_start += counts.records + counts.noted;
         self.last_apply = Instant::now();
-        if self.state == State::RedisUnreachable {
-            info!("Redis reachable again");
-            self.state = self.reachable_state();
+        if self.redis_problem.is_some() || self.state == State::RedisUnreachable {
+            self.redis_fine().await;
+            self.write_state().await;
         }
         if !self.caught_up && !source.brokers_down() && self.applied_all_fetched(source) {
             self.go_live();
@@ -840,29 +1026,59 @@ impl Pipeline<'_> {
         self.batch.is_empty() && self.in_flight.is_none()
     }
 
-    /// Redis no longer holds our state: drop the batch, recreate the marker,
-    /// and read every partition again from the earliest offset.
-    async fn rehydrate(&mut self, source: &Source) -> Flow {
-        warn!("Redis lost the agent's state (flushed, restarted without persistence, or replaced): rehydrating from the earliest offsets");
-        self.metrics.rehydrated();
-        self.batch.clear();
-        // Its script fails on the marker check if it has not run yet.
-        self.in_flight = None;
-        if self.resync.take().is_some() {
-            info!("the resync is moot: everything is read again anyway");
+    /// Redis no longer holds what the agent wrote: drop the batches in
+    /// hand, adopt (or recreate) the marker, and read every partition again
+    /// from the offsets Redis holds now (the earliest when it holds none).
+    /// A resync in progress starts again from there.
+    async fn rehydrate(&mut self, source: &Source, why: Reload) -> Flow {
+        match &why {
+            Reload::Lost => {
+                warn!("Redis lost the agent's state (flushed, restarted without persistence, or replaced): rehydrating from the offsets it holds, or the earliest");
+                self.metrics.rehydrated();
+            }
+            Reload::Diverged(detail) => {
+                warn!("Redis changed under the agent ({detail}): restored from an older snapshot or backup, a replica promoted, or a torn append-only file; resuming from the offsets Redis holds now");
+                self.metrics.diverged();
+            }
         }
+        self.batch.clear();
+        // Its script fails on the marker or sequence check if it has not run yet.
+        self.in_flight = None;
+        let resync = self.resync.take();
         self.sink.abandon_resync();
         if self.connect_redis().await == Flow::Stop {
             return Flow::Stop;
         }
-        self.state = State::Rehydrating;
+        if matches!(why, Reload::Diverged(_)) {
+            self.sink.bump_status("redis_divergences").await;
+        }
         for (partition, start) in self.positions.iter_mut() {
             *start = self.stored.start(partition.0, partition.1);
         }
         self.reassign(source);
-        self.log_start_unchecked.clear();
+        self.log_start_unchecked = self
+            .positions
+            .iter()
+            .filter_map(|(&p, &s)| match s {
+                Start::At(next) => Some((p, next)),
+                Start::Earliest => None,
+            })
+            .collect();
         self.restart_catch_up();
         self.written_lag = None;
+        let mut lineage = self.stored.lineage_pending.clone();
+        let mut topics = lineage.clone();
+        if let Some(resync) = resync {
+            if self.stored.next.is_empty() {
+                info!("the resync is moot: everything is read again anyway");
+            } else {
+                topics.extend(resync.topics);
+                lineage.extend(resync.lineage);
+            }
+        }
+        if !topics.is_empty() && self.start_resync(source, topics, lineage).await == Flow::Stop {
+            return Flow::Stop;
+        }
         self.write_state().await;
         Flow::Rehydrated
     }
@@ -872,25 +1088,43 @@ impl Pipeline<'_> {
         liveness(&mut self.notify, self.ready_by, self.state);
         // G4: notice a flushed Redis even when no records arrive.
         if self.last_apply.elapsed() >= TICK {
-            match self.sink.still_ours().await {
-                Ok(true) => {
-                    if self.state == State::RedisUnreachable {
-                        info!("Redis reachable again");
-                        self.state = self.reachable_state();
+            match self.sink.held().await {
+                Ok(Held::Ours) => {
+                    if self
+                        .redis_problem
+                        .as_ref()
+                        .is_some_and(|p| p.0 == "unreachable")
+                    {
+                        self.redis_fine().await;
                     }
                 }
-                Ok(false) => {
-                    if self.rehydrate(source).await == Flow::Stop {
+                Ok(Held::Lost) => {
+                    if self.rehydrate(source, Reload::Lost).await == Flow::Stop {
+                        return Flow::Stop;
+                    }
+                }
+                Ok(Held::Diverged) => {
+                    let why = format!("its apply sequence is not {}", self.sink.seq());
+                    if self.rehydrate(source, Reload::Diverged(why)).await == Flow::Stop {
                         return Flow::Stop;
                     }
                 }
                 Err(e) => {
-                    self.metrics.redis_error();
                     if self.state != State::RedisUnreachable {
                         warn!("{e}");
                     }
-                    self.state = State::RedisUnreachable;
+                    self.redis_refuses(&e).await;
                 }
+            }
+        }
+        // Redis may be reconfigured (CONFIG SET) or replaced without losing
+        // our state: its eviction policy and our permissions, again.
+        if self.fit_checked.elapsed() >= FIT_CHECK_EVERY && self.redis_problem.is_none() {
+            self.fit_checked = Instant::now();
+            if let Some(why) = self.unfit_redis().await {
+                error!("{why}");
+                self.unfit = Some(why);
+                return Flow::Stop;
             }
         }
         self.discover_new(source);
@@ -910,6 +1144,9 @@ impl Pipeline<'_> {
                 self.lag = self.lag(source).or(self.lag);
             }
             self.poll_retention(source);
+            if self.idle() && self.check_lineage(source).await == Flow::Stop {
+                return Flow::Stop;
+            }
             if self.idle() && self.lag == Some(0) && self.missed_deletes(source).await == Flow::Stop
             {
                 return Flow::Stop;
@@ -937,10 +1174,17 @@ impl Pipeline<'_> {
             source.fetch_queue(),
             last_contact_ms,
         );
-        if self.state == State::RedisUnreachable {
+        if self
+            .redis_problem
+            .as_ref()
+            .is_some_and(|p| p.0 == "unreachable")
+        {
             return;
         }
-        let mut fields: Vec<(String, String)> = Vec::new();
+        // The heartbeat: `edgecache status` trusts the hash only while this
+        // is recent (the agent may be stopped, or Redis refuse its writes).
+        let mut fields: Vec<(String, String)> =
+            vec![("updated_ms".to_owned(), crate::sink::now_ms().to_string())];
         let mut changed = Vec::new();
         for (partition, lag) in partition_lag.unwrap_or_default() {
             if self.reported.partition_lag.get(&partition) != Some(&lag) {
@@ -955,18 +1199,28 @@ impl Pipeline<'_> {
         if let (true, Some(ms)) = (contact_changed, last_contact_ms) {
             fields.push(("last_kafka_contact_ms".to_owned(), ms.to_string()));
         }
-        if fields.is_empty() {
-            return;
-        }
         let fields: Vec<(&str, String)> = fields
             .iter()
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
-        if self.sink.set_status(&fields).await.is_ok() {
-            self.reported.partition_lag.extend(changed);
-            if contact_changed {
-                self.reported.last_contact_ms = last_contact_ms;
+        match self.sink.set_status(&fields).await {
+            Ok(()) => {
+                self.reported.partition_lag.extend(changed);
+                if contact_changed {
+                    self.reported.last_contact_ms = last_contact_ms;
+                }
+                // Only with nothing waiting: a batch in hand is the apply's
+                // to clear.
+                if self.redis_problem.is_some() && self.idle() && !self.retrying {
+                    self.redis_fine().await;
+                    self.write_state().await;
+                }
             }
+            // Redis refuses writes while nothing is being applied: say so.
+            Err(e @ SinkError::Refused { .. }) if self.idle() && !self.retrying => {
+                self.redis_refuses(&e).await
+            }
+            Err(_) => {}
         }
     }
 
@@ -1023,6 +1277,48 @@ impl Pipeline<'_> {
         }
     }
 
+    /// Kafka's side of lineage: a partition whose log ends below the offset
+    /// Redis holds for it is not the log those offsets were taken from (the
+    /// topic was deleted and recreated, or truncated), so its topic is
+    /// written again from the start and swept. The log end is the one of
+    /// librdkafka's last fetch response, never older than a record already
+    /// delivered; two ticks in a row must agree. Also starts resyncs found
+    /// pending in Redis or postponed.
+    async fn check_lineage(&mut self, source: &Source) -> Flow {
+        let mut topics = std::mem::take(&mut self.lineage_due);
+        let mut suspect = BTreeSet::new();
+        for (&partition, start) in &self.positions {
+            let Start::At(next) = *start else {
+                continue;
+            };
+            let Some((_, high)) = source.fetched_watermarks(partition) else {
+                continue;
+            };
+            if high >= 0 && high < next {
+                suspect.insert(partition);
+                if self.lineage_suspect.contains(&partition) {
+                    warn!(
+                        topic = %self.settings.topics[partition.0].name,
+                        partition = partition.1,
+                        stored = next,
+                        log_end = high,
+                        "the log ends below the offset stored in Redis: the topic was recreated or truncated"
+                    );
+                    topics.insert(partition.0);
+                }
+            }
+        }
+        self.lineage_suspect = suspect;
+        if let Some(resync) = &self.resync {
+            topics.retain(|t| !resync.lineage.contains(t));
+        }
+        if topics.is_empty() {
+            return Flow::Continue;
+        }
+        self.lineage_suspect.retain(|p| !topics.contains(&p.0));
+        self.start_resync(source, topics.clone(), topics).await
+    }
+
     /// Runs while every partition is read to its end: finishes a resync in
     /// progress, or checks whether deletes may have been missed since the
     /// agent was last caught up (see `resync`) and starts one, or else
@@ -1066,7 +1362,7 @@ impl Pipeline<'_> {
             }
         }
         if !topics.is_empty() {
-            return self.start_resync(source, topics).await;
+            return self.start_resync(source, topics, BTreeSet::new()).await;
         }
         self.caught_up_ms = now;
         if self
@@ -1115,16 +1411,46 @@ impl Pipeline<'_> {
     }
 
     /// Re-reads `topics` from the earliest offset, noting keys below the
-    /// stored offsets and tracking writes from there on.
-    async fn start_resync(&mut self, source: &Source, topics: BTreeSet<usize>) -> Flow {
-        let prefixes = self.prefixes(&topics);
+    /// stored offsets and tracking writes from there on. For the topics in
+    /// `lineage` (another topic than the stored offsets were taken from)
+    /// every record is written again instead, and the pending resync is
+    /// noted in Redis first so that a restart finishes it. Joins a resync
+    /// already in progress.
+    async fn start_resync(
+        &mut self,
+        source: &Source,
+        topics: BTreeSet<usize>,
+        lineage: BTreeSet<usize>,
+    ) -> Flow {
+        let (mut all, mut all_lineage, mut shadow_until) = match self.resync.take() {
+            Some(r) => (r.topics, r.lineage, r.shadow_until),
+            None => Default::default(),
+        };
+        all.extend(topics.iter().copied());
+        all_lineage.extend(lineage.iter().copied());
+        let names = |set: &BTreeSet<usize>| -> Vec<String> {
+            set.iter()
+                .map(|&t| self.settings.topics[t].name.clone())
+                .collect()
+        };
+        if !lineage.is_empty() {
+            if let Err(e) = self.sink.mark_lineage(&names(&lineage), true).await {
+                warn!("{e}; will try the resync again");
+                self.lineage_due.extend(lineage);
+                return Flow::Continue;
+            }
+        }
+        let prefixes = self.prefixes(&all);
         if let Err(e) = self.sink.begin_resync(prefixes).await {
             warn!("{e}; will try the resync again");
+            self.lineage_due.extend(all_lineage);
             return Flow::Continue;
         }
-        let mut shadow_until = BTreeMap::new();
         for (partition, start) in self.positions.iter_mut() {
-            if topics.contains(&partition.0) {
+            if all_lineage.contains(&partition.0) {
+                shadow_until.remove(partition);
+                *start = Start::Earliest;
+            } else if topics.contains(&partition.0) {
                 if let Start::At(next) = *start {
                     shadow_until.insert(*partition, next);
                 }
@@ -1132,19 +1458,28 @@ impl Pipeline<'_> {
             }
         }
         self.reassign(source);
-        let names: Vec<&str> = topics
-            .iter()
-            .map(|&t| self.settings.topics[t].name.as_str())
-            .collect();
-        warn!(
-            topics = ?names,
-            "resync: reading again from the earliest offset; keys not seen again will be removed"
-        );
+        if lineage.is_empty() {
+            warn!(
+                topics = ?names(&topics),
+                "resync: reading again from the earliest offset; keys not seen again will be removed"
+            );
+        } else {
+            for _ in &lineage {
+                self.metrics.lineage_resynced();
+            }
+            self.sink.bump_status("lineage_resyncs").await;
+            warn!(
+                topics = ?names(&lineage),
+                "the topic is not the one the stored offsets were taken from (deleted and recreated?): \
+                 writing it again from its earliest offset; keys it no longer has will be removed"
+            );
+        }
         self.resync = Some(Resync {
-            topics,
+            topics: all,
             shadow_until,
             started_ms: crate::sink::now_ms(),
             started: Instant::now(),
+            lineage: all_lineage,
         });
         self.state = State::Resyncing;
         self.restart_catch_up();
@@ -1161,11 +1496,19 @@ impl Pipeline<'_> {
             return Flow::Continue;
         };
         let prefixes = self.prefixes(&resync.topics);
+        let lineage: Vec<String> = resync
+            .lineage
+            .iter()
+            .map(|&t| self.settings.topics[t].name.clone())
+            .collect();
         let mut removed = 0;
         for prefix in &prefixes {
             match self.sink.sweep(prefix).await {
                 Ok(n) => removed += n,
-                Err(SinkError::Lost) => return self.rehydrate(source).await,
+                Err(SinkError::Lost) => return self.rehydrate(source, Reload::Lost).await,
+                Err(SinkError::Diverged(why)) => {
+                    return self.rehydrate(source, Reload::Diverged(why)).await
+                }
                 Err(e) => {
                     warn!("{e}; will sweep again");
                     return Flow::Continue;
@@ -1175,6 +1518,12 @@ impl Pipeline<'_> {
         if let Err(e) = self.sink.end_resync().await {
             warn!("{e}; will sweep again");
             return Flow::Continue;
+        }
+        if !lineage.is_empty() {
+            if let Err(e) = self.sink.mark_lineage(&lineage, false).await {
+                warn!("{e}; will sweep again");
+                return Flow::Continue;
+            }
         }
         let Some(resync) = self.resync.take() else {
             return Flow::Continue;
@@ -1202,8 +1551,11 @@ impl Pipeline<'_> {
     fn discover_new(&mut self, source: &Source) {
         match self.discovering.take() {
             None => {
-                let every =
+                let mut every =
                     Duration::from_secs(self.settings.config.agent.partition_discovery_secs);
+                if !self.missing_topics.is_empty() {
+                    every = every.min(MISSING_TOPIC_LOOK_EVERY);
+                }
                 if self.last_discover.elapsed() >= every {
                     self.discovering = Some(source.discover_task());
                 }
@@ -1216,8 +1568,9 @@ impl Pipeline<'_> {
                     return;
                 };
                 source.mark_reachable();
-                let new: Vec<(PartitionId, Start)> = self
-                    .in_scope(found)
+                let found = self.in_scope(found);
+                self.note_missing_topics(&found);
+                let new: Vec<(PartitionId, Start)> = found
                     .into_iter()
                     .filter(|p| !self.positions.contains_key(p))
                     .map(|p| (p, self.stored.start(p.0, p.1)))
@@ -1263,14 +1616,20 @@ impl Pipeline<'_> {
                     Some(Start::At(next)) => *next,
                     _ => mark.low,
                 };
+                // Past the log end: a recreated topic (see
+                // `check_lineage`), or statistics older than the last
+                // fetch. Either way the lag is not known.
+                if next > mark.high && source.fetched_watermarks(*p).is_none_or(|(_, h)| next > h) {
+                    return None;
+                }
                 let lag = if mark.app_offset >= mark.high && mark.queued == 0 {
                     0
                 } else {
                     (mark.high - next).max(0) as u64
                 };
-                (*p, lag)
+                Some((*p, lag))
             })
-            .collect();
+            .collect::<Option<Vec<_>>>()?;
         Some(lags)
     }
 
@@ -1319,7 +1678,9 @@ impl Pipeline<'_> {
         !self.positions.is_empty()
             && self.positions.iter().all(|(&partition, start)| {
                 match (source.fetched_watermarks(partition), start) {
-                    (Some((_, high)), Start::At(next)) => *next >= high,
+                    // Above the log end is another lineage, not caught up
+                    // (`check_lineage`).
+                    (Some((_, high)), Start::At(next)) => *next == high,
                     (Some((low, high)), Start::Earliest) => low >= high,
                     (None, _) => false,
                 }
@@ -1342,6 +1703,15 @@ impl Pipeline<'_> {
         self.lag = Some(0);
         self.state = State::Live;
         self.notify.ready("live: caught up");
+        // `caught_up_ms` moves on only once the missed-deletes check could
+        // not have wanted a resync: nothing was stored (all read from the
+        // earliest offset) or the gap is too short to count. Otherwise the
+        // check does it, seconds later.
+        let now = crate::sink::now_ms();
+        if self.stored.next.is_empty() || now - self.caught_up_ms < resync::MIN_GAP_MS {
+            self.caught_up_ms = now;
+            self.caught_up_written = None;
+        }
     }
 
     async fn set_state(&mut self, state: State) {
@@ -1349,20 +1719,54 @@ impl Pipeline<'_> {
         self.write_state().await;
     }
 
-    /// Writes `state` to the status hash when it changed (best effort: when
-    /// Redis is down there is nobody to read it anyway).
-    async fn write_state(&mut self) {
+    /// The state as readers should see it.
+    fn shown_state(&self) -> State {
         let state = if self.caught_up && self.state == State::CatchingUp {
             State::Live
         } else {
             self.state
         };
-        self.metrics.set_state(state);
-        if self.notified_state != Some(state) {
-            self.notified_state = Some(state);
-            self.notify.status(state.as_str());
+        match state {
+            State::Live | State::CatchingUp | State::Rehydrating
+                if !self.missing_topics.is_empty() =>
+            {
+                State::WaitingForTopic
+            }
+            other => other,
         }
-        if state == State::RedisUnreachable {
+    }
+
+    /// Writes `state` to the status hash when it changed, with the reason
+    /// when Redis refuses writes (best effort: Redis may refuse this write
+    /// too, and then the metrics, systemd's STATUS= line and the runtime
+    /// file say it).
+    async fn write_state(&mut self) {
+        let state = self.shown_state();
+        self.metrics.set_state(state);
+        let line = match (&self.redis_problem, state) {
+            (Some((reason, _, _)), State::RedisUnreachable) => {
+                format!("{}: {reason}", state.as_str())
+            }
+            (_, State::WaitingForTopic) => {
+                format!("{}: {}", state.as_str(), self.missing_topics.join(", "))
+            }
+            _ => state.as_str().to_owned(),
+        };
+        if self.notified_state.as_deref() != Some(line.as_str()) {
+            self.notify.status(&line);
+            self.notified_state = Some(line);
+        }
+        let reason = self.redis_problem.as_ref().map(|p| p.0.clone());
+        if self.written_runtime.as_ref() != Some(&(state, reason.clone())) {
+            self.write_runtime_file(state);
+            self.written_runtime = Some((state, reason));
+        }
+        // An unreachable Redis would only make this wait for the timeout.
+        if self
+            .redis_problem
+            .as_ref()
+            .is_some_and(|p| p.0 == "unreachable")
+        {
             return;
         }
         if self.lag != self.written_lag {
@@ -1380,13 +1784,60 @@ impl Pipeline<'_> {
         if self.written_state == Some(state) {
             return;
         }
-        let fields = [
+        let mut fields = vec![
             ("state", state.as_str().to_owned()),
             ("version", env!("CARGO_PKG_VERSION").to_owned()),
             ("state_since_ms", crate::sink::now_ms().to_string()),
+            ("updated_ms", crate::sink::now_ms().to_string()),
+            ("waiting_for_topics", self.missing_topics.join(",")),
         ];
+        if state == State::Live && self.caught_up_written.is_none() {
+            fields.push(("caught_up_ms", self.caught_up_ms.to_string()));
+        }
+        if let Some((reason, message, since)) = &self.redis_problem {
+            fields.push(("redis_error", reason.clone()));
+            fields.push(("redis_error_message", message.clone()));
+            fields.push(("redis_error_since_ms", since.to_string()));
+        }
         if self.sink.set_status(&fields).await.is_ok() {
             self.written_state = Some(state);
+            if state == State::Live && self.caught_up_written.is_none() {
+                self.caught_up_written = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Under systemd (`RuntimeDirectory=`), the state also goes to a small
+    /// file, readable by `edgecache status` when Redis refuses the status
+    /// hash. Best effort.
+    fn write_runtime_file(&self, state: State) {
+        let Some(path) = &self.runtime_file else {
+            return;
+        };
+        let (reason, message, since) = match &self.redis_problem {
+            Some((reason, message, since)) => (reason.as_str(), message.as_str(), *since),
+            None => ("", "", 0),
+        };
+        let text = serde_json::json!({
+            "namespace": self.settings.namespace,
+            "state": state.as_str(),
+            "redis_error": reason,
+            "redis_error_message": message,
+            "redis_error_since_ms": since,
+            "waiting_for_topics": self.missing_topics,
+            "updated_ms": crate::sink::now_ms(),
+            "pid": std::process::id(),
+        })
+        .to_string();
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, text).and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            // Readable by the operator's `edgecache status`; no secrets in it.
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+            std::fs::rename(&tmp, path)
+        });
+        if let Err(e) = written {
+            debug!("runtime status file {}: {e}", path.display());
         }
     }
 
@@ -1401,7 +1852,9 @@ impl Pipeline<'_> {
         if self.state != State::RedisUnreachable && !self.idle() {
             let finished = tokio::time::timeout(Duration::from_secs(2), async {
                 if let Some(in_flight) = self.in_flight.take() {
-                    crate::sink::finish(in_flight.pending.await)?;
+                    let result = crate::sink::finish(in_flight.pending.await);
+                    self.sink.settle(&result);
+                    result?;
                 }
                 if !self.batch.is_empty() {
                     self.sink.apply(&self.batch, &self.fields).await?;
@@ -1414,11 +1867,14 @@ impl Pipeline<'_> {
                 _ => info!("abandoned the in-flight batch; it is read again after restart"),
             }
         }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            self.sink.set_status(&[("state", "stopped".to_owned())]),
-        )
-        .await;
+        // Refusing to run against this Redis means writing nothing to it.
+        if self.unfit.is_none() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.sink.set_status(&[("state", "stopped".to_owned())]),
+            )
+            .await;
+        }
         info!("stopped");
     }
 }

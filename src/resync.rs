@@ -44,6 +44,10 @@ pub struct Resync {
     /// since deletes written during the re-read may only be seen then.
     pub started_ms: i64,
     pub started: Instant,
+    /// The topics are other topics than the stored offsets were taken from
+    /// (deleted and recreated): everything is written again, nothing is
+    /// only noted, and the pending resync is kept in Redis until it is done.
+    pub lineage: BTreeSet<usize>,
 }
 
 impl Resync {
@@ -114,6 +118,7 @@ mod tests {
         let resync = Resync {
             topics: BTreeSet::from([0]),
             shadow_until: BTreeMap::from([((0, 0), 10), ((0, 1), 0)]),
+            lineage: BTreeSet::new(),
             started_ms: 0,
             started: Instant::now(),
         };

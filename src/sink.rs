@@ -14,8 +14,8 @@
 //! means keep the batch and retry; [`SinkError::Lost`] means Redis no longer
 //! holds our state, so drop the batch and rehydrate.
 
-use crate::batch::{Batch, Op, SkipReason};
-use crate::checkpoint::{offset_field, StoredOffsets};
+use crate::batch::{Batch, Op};
+use crate::checkpoint::{lineage_field, offset_field, StoredOffsets};
 use crate::codec::Fields;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
@@ -28,32 +28,44 @@ const APPLY_SCRIPT: &str = r#"
 -- KEYS[1] marker, KEYS[2] offsets hash, KEYS[3] status hash, KEYS[4] resync
 -- seen set, KEYS[5] field table, KEYS[6..] data keys: first n_sets keys to
 -- SET, then n_dels keys to DEL, then keys with an op each.
--- ARGV[1] token, ARGV[2] n_offsets, ARGV[3] n_counters, ARGV[4] now_ms,
--- ARGV[5] channel to PUBLISH changes on ('' for none), ARGV[6] n_fields,
--- ARGV[7] n_sets, ARGV[8] n_dels,
+-- ARGV[1] token, ARGV[2] the apply sequence number Redis must hold,
+-- ARGV[3] n_parts, ARGV[4] now_ms, ARGV[5] channel to PUBLISH changes on
+-- ('' for none), ARGV[6] n_fields, ARGV[7] n_sets, ARGV[8] n_dels,
 -- then n_fields (number, name) pairs of the field table that the values
--- use, n_offsets (field, next offset) pairs, n_counters (name, delta) pairs,
--- n_sets values, then one (op, value) pair per remaining key: op "s" = SET
--- value, "d" = DEL, "x<ms>" = SET value expiring at Unix time <ms>. During
--- a resync: the same op in upper case ("S", "D", "X<ms>") also adds the key
--- to the seen set (removes it for "D"); "n" / "u" only add / remove it,
--- writing nothing.
+-- use, n_parts (offset field, next offset, then the five counters added:
+-- records filtered skipped_undecodable skipped_no_key skipped_oversize)
+-- septuples, n_sets values, then one (op, value) pair per remaining key:
+-- op "s" = SET value, "d" = DEL, "x<ms>" = SET value expiring at Unix time
+-- <ms>. During a resync: the same op in upper case ("S", "D", "X<ms>") also
+-- adds the key to the seen set (removes it for "D"); "n" / "u" only add /
+-- remove it, writing nothing.
+--
+-- Redis keeps what a script wrote before an error, and a torn append-only
+-- file can keep any prefix of its effects. So: every check comes before
+-- the first write, and the writes go data first, then ONE HSET with every
+-- offset, per-partition counter and the sequence number, then the totals.
+-- Any prefix leaves data ahead of its offsets (read again, harmless), never
+-- offsets or counters ahead of data.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
 end
-local channel = ARGV[5]
--- 'set ' or 'del ' and each key of KEYS[from..to] on the channel, if any.
-local function publish(kind, from, to)
-  if channel ~= '' then
-    for j = from, to do
-      redis.call('PUBLISH', channel, kind .. KEYS[j])
-    end
+local kinds = {'hash', 'hash', 'set', 'hash'}
+for i = 2, 5 do
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t ~= 'none' and t ~= kinds[i - 1] then
+    return redis.error_reply('EDGECACHE_WRONGTYPE ' .. KEYS[i] .. ' is a ' .. t .. ', not a ' .. kinds[i - 1])
   end
+end
+local seq = redis.call('HGET', KEYS[2], 'seq') or '0'
+if seq ~= ARGV[2] then
+  return redis.error_reply('EDGECACHE_DIVERGED Redis holds apply ' .. seq .. ', the agent last wrote ' .. ARGV[2])
+end
+local channel = ARGV[5]
+if channel ~= '' and redis.acl_check_cmd and not redis.acl_check_cmd('PUBLISH', channel, 'x') then
+  return redis.error_reply('EDGECACHE_NOPERM no permission to PUBLISH on channel ' .. channel)
 end
 local n_fields = tonumber(ARGV[6])
 local a = 9
--- Every check before the first write: a script that errors keeps what it
--- already wrote.
 for i = 1, n_fields do
   local held = redis.call('HGET', KEYS[5], ARGV[a])
   if held and held ~= ARGV[a + 1] then
@@ -64,21 +76,52 @@ for i = 1, n_fields do
   end
   a = a + 2
 end
+local fields_end = a - 1
+-- Counters: the partitions' own (absolute, next to their offsets) and the
+-- totals in the status hash, read and checked before anything is written.
+local n_parts = tonumber(ARGV[3])
+local totals = {0, 0, 0, 0, 0}
+local names = {'records', 'filtered', 'skipped_undecodable', 'skipped_no_key', 'skipped_oversize'}
+local held_totals = redis.call('HMGET', KEYS[3], unpack(names))
+for i = 1, 5 do
+  if held_totals[i] then
+    totals[i] = tonumber(held_totals[i])
+    if not totals[i] then
+      return redis.error_reply('EDGECACHE_WRONGTYPE ' .. KEYS[3] .. ' field ' .. names[i] .. ' is not a number')
+    end
+  end
+end
+-- Per partition: its offset and its counters (field '<counter>@<topic>/<p>'),
+-- absolute, all in the one HSET below.
+local offsets = {'seq', string.format('%d', tonumber(seq) + 1)}
+for i = 1, n_parts do
+  offsets[#offsets + 1] = ARGV[a]
+  offsets[#offsets + 1] = ARGV[a + 1]
+  for j = 1, 5 do
+    local added = tonumber(ARGV[a + 1 + j])
+    if added > 0 then
+      local field = names[j] .. '@' .. ARGV[a]
+      local held = redis.call('HGET', KEYS[2], field)
+      local count = tonumber(held or '0')
+      if not count then
+        return redis.error_reply('EDGECACHE_WRONGTYPE ' .. KEYS[2] .. ' field ' .. field .. ' is not a number')
+      end
+      offsets[#offsets + 1] = field
+      offsets[#offsets + 1] = string.format('%d', count + added)
+      totals[j] = totals[j] + added
+    end
+  end
+  a = a + 7
+end
+-- Writes. Names before the values that use them.
 if n_fields > 0 then
-  redis.call('HSET', KEYS[5], unpack(ARGV, 9, a - 1))
-end
-for i = 1, tonumber(ARGV[2]) do
-  redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 1])
-  a = a + 2
-end
-for i = 1, tonumber(ARGV[3]) do
-  redis.call('HINCRBY', KEYS[3], ARGV[a], ARGV[a + 1])
-  a = a + 2
+  redis.call('HSET', KEYS[5], unpack(ARGV, 9, fields_end))
 end
 -- Plain writes, many keys per call (a call from Lua costs more than a key);
 -- unpack() is bounded by Lua's C stack, hence chunks.
 local k = 6
 local n = tonumber(ARGV[7])
+local sets_from, sets_to = k, k + n - 1
 local done = 0
 while done < n do
   local chunk = math.min(n - done, 500)
@@ -90,18 +133,18 @@ while done < n do
   redis.call('MSET', unpack(args))
   done = done + chunk
 end
-publish('set ', k, k + n - 1)
 a = a + n
 k = k + n
 n = tonumber(ARGV[8])
+local dels_from, dels_to = k, k + n - 1
 done = 0
 while done < n do
   local chunk = math.min(n - done, 500)
   redis.call('DEL', unpack(KEYS, k + done, k + done + chunk - 1))
   done = done + chunk
 end
-publish('del ', k, k + n - 1)
 k = k + n
+local general_from, general_a = k, a
 for k = k, #KEYS do
   local op = ARGV[a]
   local c = string.sub(op, 1, 1)
@@ -121,11 +164,31 @@ for k = k, #KEYS do
     if c ~= lower then
       redis.call(lower == 'd' and 'SREM' or 'SADD', KEYS[4], KEYS[k])
     end
-    publish(lower == 'd' and 'del ' or 'set ', k, k)
   end
   a = a + 2
 end
-redis.call('HSET', KEYS[3], 'last_applied_ms', ARGV[4])
+redis.call('HSET', KEYS[2], unpack(offsets))
+redis.call('HSET', KEYS[3],
+  'records', string.format('%d', totals[1]), 'filtered', string.format('%d', totals[2]),
+  'skipped_undecodable', string.format('%d', totals[3]), 'skipped_no_key', string.format('%d', totals[4]),
+  'skipped_oversize', string.format('%d', totals[5]), 'last_applied_ms', ARGV[4])
+-- Notifications last: a reader woken by one finds the write done.
+if channel ~= '' then
+  for j = sets_from, sets_to do
+    redis.call('PUBLISH', channel, 'set ' .. KEYS[j])
+  end
+  for j = dels_from, dels_to do
+    redis.call('PUBLISH', channel, 'del ' .. KEYS[j])
+  end
+  a = general_a
+  for j = general_from, #KEYS do
+    local c = string.lower(string.sub(ARGV[a], 1, 1))
+    if c ~= 'n' and c ~= 'u' then
+      redis.call('PUBLISH', channel, (c == 'd' and 'del ' or 'set ') .. KEYS[j])
+    end
+    a = a + 2
+  end
+end
 return #KEYS - 5
 "#;
 
@@ -133,13 +196,18 @@ return #KEYS - 5
 /// prefix, deletes those the re-read did not see. Marker-checked like an
 /// apply, and atomic per page.
 const SWEEP_SCRIPT: &str = r#"
--- KEYS[1] marker, KEYS[2] seen set, KEYS[3] status hash, KEYS[4..] candidates
--- ARGV[1] token, ARGV[2] channel ('' for none)
+-- KEYS[1] marker, KEYS[2] seen set, KEYS[3] status hash, KEYS[4] offsets
+-- hash, KEYS[5..] candidates
+-- ARGV[1] token, ARGV[2] channel ('' for none), ARGV[3] apply sequence
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
 end
+if redis.call('TYPE', KEYS[4])['ok'] == 'hash' and (redis.call('HGET', KEYS[4], 'seq') or '0') ~= ARGV[3] then
+  -- A seen set from another time would delete keys Kafka still has.
+  return redis.error_reply('EDGECACHE_DIVERGED Redis changed under the agent')
+end
 local n = 0
-for k = 4, #KEYS do
+for k = 5, #KEYS do
   if redis.call('SISMEMBER', KEYS[2], KEYS[k]) == 0 then
     n = n + redis.call('DEL', KEYS[k])
     if ARGV[2] ~= '' then
@@ -167,25 +235,154 @@ redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 return {ARGV[1], 1}
 "#;
 
+/// Sets the totals in the status hash to the sums of the per-partition
+/// counters, the ones that move with the offsets. Run at every (re)connect:
+/// a torn append-only file can replay part of a transaction, and only the
+/// per-partition counters are kept exact through that. Offsets written by
+/// an agent without per-partition counters keep their totals as one entry.
+const RECONCILE_SCRIPT: &str = r#"
+-- KEYS[1] marker, KEYS[2] offsets hash, KEYS[3] status hash; ARGV[1] token
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('EDGECACHE_LOST marker missing or replaced')
+end
+local names = {'records', 'filtered', 'skipped_undecodable', 'skipped_no_key', 'skipped_oversize'}
+local totals = {0, 0, 0, 0, 0}
+local found = false
+local index = {}
+for i = 1, 5 do
+  index[names[i]] = i
+end
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local at = string.find(all[i], '@', 1, true)
+  if at then
+    found = true
+    local j = index[string.sub(all[i], 1, at - 1)]
+    if j then
+      totals[j] = totals[j] + (tonumber(all[i + 1]) or 0)
+    end
+  end
+end
+if not found then
+  local held = redis.call('HMGET', KEYS[3], unpack(names))
+  local any = false
+  for i = 1, 5 do
+    totals[i] = tonumber(held[i]) or 0
+    any = any or totals[i] > 0
+  end
+  if any then
+    local kept = {}
+    for i = 1, 5 do
+      kept[#kept + 1] = names[i] .. '@before-per-partition-counters'
+      kept[#kept + 1] = string.format('%d', totals[i])
+    end
+    redis.call('HSET', KEYS[2], unpack(kept))
+  end
+end
+redis.call('HSET', KEYS[3],
+  'records', string.format('%d', totals[1]), 'filtered', string.format('%d', totals[2]),
+  'skipped_undecodable', string.format('%d', totals[3]), 'skipped_no_key', string.format('%d', totals[4]),
+  'skipped_oversize', string.format('%d', totals[5]))
+return 1
+"#;
+
+/// The idle check: is the marker ours, and which apply does Redis hold?
+const CHECK_SCRIPT: &str = r#"
+-- KEYS[1] marker, KEYS[2] offsets hash; ARGV[1] token
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {0, '0'}
+end
+if redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then
+  return {1, '0'}
+end
+return {1, redis.call('HGET', KEYS[2], 'seq') or '0'}
+"#;
+
+/// Asks Redis, as the agent's own user, whether each command the agent
+/// needs is allowed (`redis.acl_check_cmd`, Redis 7): ARGV holds the
+/// commands, each as its word count followed by its words. Returns the
+/// first denied one as text, '' when all are allowed, or 'unsupported' on a
+/// Redis without the function.
+const PERMISSIONS_SCRIPT: &str = r#"
+if not redis.acl_check_cmd then
+  return 'unsupported'
+end
+local a = 1
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  local words = {}
+  for i = 1, n do
+    words[i] = ARGV[a + i]
+  end
+  local ok, allowed = pcall(redis.acl_check_cmd, unpack(words))
+  if not ok or not allowed then
+    return table.concat(words, ' ')
+  end
+  a = a + n + 1
+end
+return ''
+"#;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("Redis unreachable: {0}")]
     Unreachable(String),
     #[error("Redis lost the agent's state (marker missing): rehydrate")]
     Lost,
-    #[error("Redis refused the request: {0}")]
-    Refused(String),
+    /// Redis holds another apply than the agent last wrote: it went back in
+    /// time (an older snapshot, a promoted replica, a torn append-only file)
+    /// or a write the agent saw fail was in fact applied.
+    #[error("Redis changed under the agent: {0}")]
+    Diverged(String),
+    /// Redis answered with an error; `code` is its error code (`OOM`,
+    /// `MISCONF`, `READONLY`, `NOPERM`, `WRONGTYPE`, ...), the first word
+    /// of the reply, never matched against the rest of the text.
+    #[error("Redis refused the request: {message}")]
+    Refused { code: String, message: String },
+}
+
+impl SinkError {
+    fn refused(code: &str, message: impl Into<String>) -> SinkError {
+        SinkError::Refused {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// Why writes do not go through, for the status hash: a Redis error
+    /// code, or `unreachable`.
+    pub fn reason(&self) -> &str {
+        match self {
+            SinkError::Unreachable(_) => "unreachable",
+            SinkError::Lost => "lost",
+            SinkError::Diverged(_) => "diverged",
+            SinkError::Refused { code, .. } => code,
+        }
+    }
 }
 
 impl From<redis::RedisError> for SinkError {
     fn from(e: redis::RedisError) -> Self {
-        let text = e.to_string();
-        if text.contains("EDGECACHE_LOST") {
-            if text.contains("field") {
-                tracing::warn!("Redis's field table changed under the agent: {text}");
+        // Our scripts' own errors carry a fixed code as the reply's first word.
+        match e.code() {
+            Some("EDGECACHE_LOST") => {
+                if let Some(detail) = e.detail().filter(|d| d.starts_with("field")) {
+                    tracing::warn!("Redis's field table changed under the agent: {detail}");
+                }
+                return SinkError::Lost;
             }
-            SinkError::Lost
-        } else if e.is_io_error()
+            Some("EDGECACHE_DIVERGED") => {
+                return SinkError::Diverged(e.detail().unwrap_or_default().to_owned())
+            }
+            Some("EDGECACHE_WRONGTYPE") => {
+                return SinkError::refused("WRONGTYPE", e.detail().unwrap_or_default())
+            }
+            Some("EDGECACHE_NOPERM") => {
+                return SinkError::refused("NOPERM", e.detail().unwrap_or_default())
+            }
+            _ => {}
+        }
+        if e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
@@ -196,13 +393,31 @@ impl From<redis::RedisError> for SinkError {
         {
             SinkError::Unreachable(e.to_string())
         } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
-            SinkError::Refused(format!(
+            SinkError::refused(
+                "NOAUTH",
+                format!(
                 "authentication failed (check the user and password in redis.url or redis.password_file): {e}"
-            ))
+            ),
+            )
         } else {
-            SinkError::Refused(e.to_string())
+            let code = e.code().unwrap_or("ERR").to_owned();
+            SinkError::Refused {
+                code,
+                message: e.to_string(),
+            }
         }
     }
+}
+
+/// What the idle check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Redis holds the agent's state as the agent last wrote it.
+    Ours,
+    /// The marker is gone or another: rehydrate.
+    Lost,
+    /// The marker is ours but the apply sequence is another.
+    Diverged,
 }
 
 /// An apply sent by [`Sink::submit`], its reply still to come.
@@ -285,6 +500,11 @@ pub struct Sink {
     apply: Script,
     init: Script,
     sweep: Script,
+    reconcile: Script,
+    check: Script,
+    /// The apply sequence number Redis holds as far as the agent knows: the
+    /// one it loaded or last wrote (see `checkpoint::SEQ_FIELD`).
+    seq: u64,
     topic_names: Vec<String>,
     publish_channel: Option<String>,
     /// Key prefixes of the topics being resynced: their writes also update
@@ -305,11 +525,11 @@ impl Sink {
         use redis::IntoConnectionInfo;
         let mut info = url
             .into_connection_info()
-            .map_err(|e| SinkError::Refused(e.to_string()))?;
+            .map_err(|e| SinkError::refused("CONFIG", e.to_string()))?;
         if let Some(password) = password {
             info.redis.password = Some(password.to_owned());
         }
-        let client = Client::open(info).map_err(|e| SinkError::Refused(e.to_string()))?;
+        let client = Client::open(info).map_err(|e| SinkError::refused("CONFIG", e.to_string()))?;
         Ok(Sink {
             client,
             connection: None,
@@ -318,6 +538,9 @@ impl Sink {
             apply: Script::new(APPLY_SCRIPT),
             init: Script::new(INIT_SCRIPT),
             sweep: Script::new(SWEEP_SCRIPT),
+            reconcile: Script::new(RECONCILE_SCRIPT),
+            check: Script::new(CHECK_SCRIPT),
+            seq: 0,
             topic_names,
             publish_channel,
             tracked: Vec::new(),
@@ -380,6 +603,20 @@ impl Sink {
             .await?;
         self.token = token;
         let offsets = self.load_offsets().await?;
+        self.seq = offsets.seq;
+        let keys = self.keys.clone();
+        let reconcile = self.reconcile.clone();
+        let token = self.token.clone();
+        self.call(|mut c| async move {
+            reconcile
+                .key(&keys.marker)
+                .key(&keys.offsets)
+                .key(&keys.status)
+                .arg(&token)
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await?;
         let key = self.keys.status.clone();
         let stored: Option<String> = self
             .call(|mut c| async move {
@@ -473,13 +710,15 @@ impl Sink {
                 invocation
                     .key(&self.keys.marker)
                     .key(&self.keys.seen)
-                    .key(&self.keys.status);
+                    .key(&self.keys.status)
+                    .key(&self.keys.offsets);
                 for key in &keys {
                     invocation.key(key.as_slice());
                 }
                 invocation
                     .arg(&self.token)
-                    .arg(self.publish_channel.as_deref().unwrap_or(""));
+                    .arg(self.publish_channel.as_deref().unwrap_or(""))
+                    .arg(self.seq);
                 let n: u64 = self
                     .call(|mut c| async move { invocation.invoke_async(&mut c).await })
                     .await?;
@@ -505,14 +744,35 @@ impl Sink {
         Ok(StoredOffsets::parse(&self.topic_names, fields))
     }
 
-    /// True while Redis still holds our marker. Cheap; called when idle so a
-    /// flushed Redis is noticed even when no records arrive (G4).
-    pub async fn still_ours(&mut self) -> Result<bool, SinkError> {
-        let key = self.keys.marker.clone();
-        let current: Option<String> = self
-            .call(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
+    /// Whether Redis still holds our marker and the apply the agent last
+    /// wrote. Cheap; called when idle so a flushed Redis or one that went
+    /// back in time is noticed even when no records arrive (G4).
+    pub async fn held(&mut self) -> Result<Held, SinkError> {
+        let keys = self.keys.clone();
+        let check = self.check.clone();
+        let token = self.token.clone();
+        let (ours, seq): (i64, String) = self
+            .call(|mut c| async move {
+                check
+                    .key(&keys.marker)
+                    .key(&keys.offsets)
+                    .arg(&token)
+                    .invoke_async(&mut c)
+                    .await
+            })
             .await?;
-        Ok(current.as_deref() == Some(self.token.as_str()))
+        Ok(if ours == 0 {
+            Held::Lost
+        } else if seq.parse::<u64>().ok() != Some(self.seq) {
+            Held::Diverged
+        } else {
+            Held::Ours
+        })
+    }
+
+    /// The apply sequence number the agent expects Redis to hold.
+    pub fn seq(&self) -> u64 {
+        self.seq
     }
 
     /// Applies a batch atomically with its offsets and counters (G2, G4)
@@ -549,17 +809,6 @@ impl Sink {
     /// allocations and two copies per record that showed up in the
     /// rehydrate profile (BENCHMARKS.md).
     fn apply_command(&self, batch: &Batch, fields: &Fields) -> redis::Cmd {
-        let counts = batch.counts();
-        let counters: Vec<(&str, u64)> =
-            [("records", counts.records), ("filtered", counts.filtered)]
-                .into_iter()
-                .chain(
-                    SkipReason::ALL
-                        .iter()
-                        .map(|r| (r.counter(), counts.skipped[*r as usize])),
-                )
-                .filter(|(_, n)| *n > 0)
-                .collect();
         // The table entries the values refer to. A number the table lacks
         // cannot be in a value (numbers are only handed out with a name).
         let used: Vec<(u32, &str)> = batch
@@ -582,8 +831,7 @@ impl Sink {
         let n_dels = batch.ops().filter(|(k, op)| group(k, op) == 1).count();
         let n_general = batch.n_ops() - n_sets - n_dels;
         let n_keys = 5 + batch.n_ops();
-        let n_args =
-            8 + 2 * (used.len() + batch.next_offsets().len() + counters.len() + n_general) + n_sets;
+        let n_args = 8 + 2 * (used.len() + n_general) + 7 * batch.next_offsets().len() + n_sets;
         // Every key and value plus a few bytes per op and the meta arguments.
         let n_bytes = batch.n_bytes() + 24 * batch.n_ops() + 512;
         let mut command = redis::Cmd::with_capacity(3 + n_keys + n_args, n_bytes);
@@ -603,8 +851,8 @@ impl Sink {
         }
         command
             .arg(&self.token)
+            .arg(self.seq)
             .arg(batch.next_offsets().len())
-            .arg(counters.len())
             .arg(now_ms())
             .arg(self.publish_channel.as_deref().unwrap_or(""))
             .arg(used.len())
@@ -614,12 +862,16 @@ impl Sink {
             command.arg(id).arg(name);
         }
         for (&(topic_idx, partition), next) in batch.next_offsets() {
+            let topic = &self.topic_names[topic_idx];
+            let c = batch.partition_counts((topic_idx, partition));
             command
-                .arg(offset_field(&self.topic_names[topic_idx], partition))
-                .arg(next);
-        }
-        for (name, delta) in counters {
-            command.arg(name).arg(delta);
+                .arg(offset_field(topic, partition))
+                .arg(next)
+                .arg(c.records)
+                .arg(c.filtered)
+                .arg(c.skipped[0])
+                .arg(c.skipped[1])
+                .arg(c.skipped[2]);
         }
         for (_, op) in batch.ops().filter(|(k, op)| group(k, op) == 0) {
             if let Op::Set(value) = op {
@@ -648,8 +900,10 @@ impl Sink {
     /// Takes note of an apply's outcome: after a connection failure the
     /// next call reconnects.
     pub fn settle(&mut self, result: &Result<(), SinkError>) {
-        if matches!(result, Err(SinkError::Unreachable(_))) {
-            self.connection = None;
+        match result {
+            Ok(()) => self.seq += 1,
+            Err(SinkError::Unreachable(_)) => self.connection = None,
+            Err(_) => {}
         }
     }
 
@@ -670,11 +924,99 @@ impl Sink {
         .await
     }
 
+    /// Removes fields of the status hash; best effort.
+    pub async fn clear_status(&mut self, fields: &[&str]) -> Result<(), SinkError> {
+        let key = self.keys.status.clone();
+        let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+        self.call(|mut c| async move {
+            redis::cmd("HDEL")
+                .arg(&key)
+                .arg(fields)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Adds one to a counter of the status hash that no apply writes (how
+    /// often something happened to the agent); best effort.
+    pub async fn bump_status(&mut self, field: &str) {
+        let key = self.keys.status.clone();
+        let field = field.to_owned();
+        let _ = self
+            .call(|mut c| async move {
+                redis::cmd("HINCRBY")
+                    .arg(&key)
+                    .arg(field)
+                    .arg(1)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// Notes in the offsets hash that these topics' lineage resync is
+    /// pending (`on`), or done: a restart then finishes a pending one.
+    pub async fn mark_lineage(&mut self, topics: &[String], on: bool) -> Result<(), SinkError> {
+        let key = self.keys.offsets.clone();
+        let fields: Vec<String> = topics.iter().map(|t| lineage_field(t)).collect();
+        self.call(|mut c| async move {
+            let mut command = redis::cmd(if on { "HSET" } else { "HDEL" });
+            command.arg(&key);
+            for field in &fields {
+                command.arg(field);
+                if on {
+                    command.arg(1);
+                }
+            }
+            command.query_async::<()>(&mut c).await
+        })
+        .await
+    }
+
     /// Reads one key's raw bytes (for `edgecache get`).
     pub async fn get_raw(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, SinkError> {
         let key = key.to_vec();
         self.call(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
             .await
+    }
+
+    /// Why Redis would refuse the agent's writes now, read from `INFO` (for
+    /// `edgecache status` when the status hash is not being updated): a
+    /// failed append-only or snapshot write (`MISCONF`), a replica
+    /// (`READONLY`), memory at `maxmemory` without eviction (`OOM`).
+    pub async fn write_refusal(&mut self) -> Option<String> {
+        let info: String = self
+            .call(|mut c| async move {
+                redis::cmd("INFO")
+                    .arg("persistence")
+                    .arg("replication")
+                    .arg("memory")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .ok()?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
+        if field("aof_last_write_status") == Some("err") {
+            return Some("MISCONF (the append-only file cannot be written)".into());
+        }
+        if field("rdb_last_bgsave_status") == Some("err") {
+            return Some("MISCONF (the last RDB snapshot failed; Redis refuses writes while stop-writes-on-bgsave-error is on)".into());
+        }
+        if field("role") == Some("slave") {
+            return Some("READONLY (Redis is a replica)".into());
+        }
+        let (used, max) = (number("used_memory")?, number("maxmemory")?);
+        if max > 0 && used >= max && field("maxmemory_policy") == Some("noeviction") {
+            return Some("OOM (used_memory at maxmemory, noeviction)".into());
+        }
+        None
     }
 
     /// Reads the status hash (for `edgecache status` and tests).
@@ -684,21 +1026,120 @@ impl Sink {
             .await
     }
 
-    /// Whether Redis persists to an append-only file (G3); `None` if the
+    /// Redis's settings the agent's guarantees depend on; `None` if the
     /// server does not let us ask (CONFIG may be renamed or denied by ACL).
-    pub async fn aof_enabled(&mut self) -> Option<bool> {
+    pub async fn server_settings(&mut self) -> Option<ServerSettings> {
         let reply: Result<Vec<String>, SinkError> = self
             .call(|mut c| async move {
                 redis::cmd("CONFIG")
                     .arg("GET")
                     .arg("appendonly")
+                    .arg("save")
+                    .arg("maxmemory-policy")
                     .query_async(&mut c)
                     .await
             })
             .await;
-        reply.ok()?.get(1).map(|v| v == "yes")
+        let pairs = reply.ok()?;
+        let get = |name: &str| {
+            pairs
+                .chunks(2)
+                .find(|pair| pair[0] == name)
+                .and_then(|pair| pair.get(1).cloned())
+        };
+        Some(ServerSettings {
+            appendonly: get("appendonly")? == "yes",
+            snapshots: !get("save")?.trim().is_empty(),
+            maxmemory_policy: get("maxmemory-policy")?,
+        })
+    }
+
+    /// Checks, as the agent's Redis user, that every command the agent needs
+    /// is allowed on its keys and channel. Returns the first denied command
+    /// (with the key or channel it was asked for), or `None`. A Redis that
+    /// cannot answer (before 7.0) passes: the first denied write then shows
+    /// in the status.
+    pub async fn denied_command(
+        &mut self,
+        prefixes: &[Vec<u8>],
+    ) -> Result<Option<String>, SinkError> {
+        let k = &self.keys;
+        let mut checks: Vec<Vec<Vec<u8>>> = Vec::new();
+        let mut add = |words: &[&[u8]]| checks.push(words.iter().map(|w| w.to_vec()).collect());
+        add(&[b"GET", k.marker.as_bytes()]);
+        add(&[b"SET", k.marker.as_bytes(), b"x"]);
+        add(&[b"DEL", k.marker.as_bytes()]);
+        for hash in [&k.offsets, &k.status, &k.fields] {
+            add(&[b"HGETALL", hash.as_bytes()]);
+            add(&[b"HGET", hash.as_bytes(), b"f"]);
+            add(&[b"HMGET", hash.as_bytes(), b"f"]);
+            add(&[b"HSET", hash.as_bytes(), b"f", b"v"]);
+            add(&[b"DEL", hash.as_bytes()]);
+            add(&[b"TYPE", hash.as_bytes()]);
+        }
+        add(&[b"SADD", k.seen.as_bytes(), b"x"]);
+        add(&[b"SREM", k.seen.as_bytes(), b"x"]);
+        add(&[b"SISMEMBER", k.seen.as_bytes(), b"x"]);
+        add(&[b"TYPE", k.seen.as_bytes()]);
+        add(&[b"DEL", k.seen.as_bytes()]);
+        for prefix in prefixes {
+            let mut key = prefix.clone();
+            key.extend_from_slice(b"edgecache-probe");
+            add(&[b"MSET", &key, b"v"]);
+            add(&[b"SET", &key, b"v", b"PXAT", b"1"]);
+            add(&[b"DEL", &key]);
+            add(&[b"GET", &key]);
+        }
+        add(&[b"SCAN", b"0"]);
+        add(&[b"EVALSHA", self.apply.get_hash().as_bytes(), b"0"]);
+        add(&[b"SCRIPT", b"LOAD", b"return 1"]);
+        if let Some(channel) = &self.publish_channel {
+            add(&[b"PUBLISH", channel.as_bytes(), b"x"]);
+        }
+        let mut command = redis::cmd("EVAL");
+        command.arg(PERMISSIONS_SCRIPT).arg(0);
+        for words in &checks {
+            command.arg(words.len());
+            for word in words {
+                command.arg(word.as_slice());
+            }
+        }
+        let denied: String = self
+            .call(|mut c| async move { command.query_async(&mut c).await })
+            .await?;
+        Ok(match denied.as_str() {
+            "" | "unsupported" => None,
+            _ => Some(denied),
+        })
     }
 }
+
+/// See [`Sink::server_settings`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub appendonly: bool,
+    /// RDB snapshots configured (`save` not empty).
+    pub snapshots: bool,
+    pub maxmemory_policy: String,
+}
+
+impl ServerSettings {
+    /// Whether Redis may evict keys the agent wrote. `volatile-*` policies
+    /// evict only keys with an expiry, which the agent sets only for topics
+    /// with `ttl_secs`.
+    pub fn may_evict(&self, any_ttl: bool) -> bool {
+        match self.maxmemory_policy.as_str() {
+            "noeviction" => false,
+            policy if policy.starts_with("volatile-") => any_ttl,
+            _ => true,
+        }
+    }
+}
+
+/// The file in `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`) where
+/// the agent keeps its state for `edgecache status`, since Redis may refuse
+/// to take the status hash (OOM, MISCONF, READONLY).
+pub const RUNTIME_STATUS_FILE: &str = "status.json";
 
 /// Keys per SCAN page (and per sweep script) at the end of a resync.
 const SWEEP_PAGE: usize = 500;

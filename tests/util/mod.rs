@@ -337,18 +337,28 @@ pub struct Redis {
     pub port: u16,
     pub dir: tempfile::TempDir,
     aof: bool,
+    /// Further redis-server arguments, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl Redis {
     pub fn start(aof: bool) -> Redis {
+        Redis::start_with(aof, &[])
+    }
+
+    /// A redis-server with further arguments (`--maxmemory 1mb`, `--save
+    /// "1 1"`, ...), given after the defaults so they win.
+    pub fn start_with(aof: bool, extra: &[&str]) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = spawn_redis(dir.path(), port, aof);
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let child = spawn_redis(dir.path(), port, aof, &extra);
         let redis = Redis {
             child,
             port,
             dir,
             aof,
+            extra,
         };
         redis.wait_ready();
         redis
@@ -364,7 +374,7 @@ impl Redis {
     /// directory: an AOF survives, a non-persistent Redis comes back empty.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = spawn_redis(self.dir.path(), self.port, self.aof);
+        self.child = spawn_redis(self.dir.path(), self.port, self.aof, &self.extra);
         self.wait_ready();
     }
 
@@ -443,7 +453,7 @@ impl Drop for Redis {
     }
 }
 
-fn spawn_redis(dir: &Path, port: u16, aof: bool) -> Child {
+fn spawn_redis(dir: &Path, port: u16, aof: bool, extra: &[String]) -> Child {
     let socket = dir.join("redis.sock");
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -451,6 +461,7 @@ fn spawn_redis(dir: &Path, port: u16, aof: bool) -> Child {
         .args(["--dir", dir.to_str().unwrap(), "--save", ""])
         .args(["--appendonly", if aof { "yes" } else { "no" }])
         .args(["--appendfsync", "always", "--daemonize", "no"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -569,6 +580,8 @@ pub struct AgentConfig {
     pub redis_url: String,
     pub topics: Vec<(String, String, &'static str, &'static str)>,
     pub extra_agent: String,
+    /// More lines for the `[redis]` section.
+    pub extra_redis: String,
 }
 
 impl AgentConfig {
@@ -577,15 +590,17 @@ impl AgentConfig {
             redis_url,
             topics: vec![(topic.to_owned(), prefix.to_owned(), "json", "postcard")],
             extra_agent: String::new(),
+            extra_redis: String::new(),
         }
     }
 
     pub fn write(&self, dir: &Path) -> PathBuf {
         let mut text = format!(
-            "[agent]\n{}\n[kafka]\nbrokers = \"{}\"\n[redis]\nurl = \"{}\"\n",
+            "[agent]\n{}\n[kafka]\nbrokers = \"{}\"\n[redis]\nurl = \"{}\"\n{}\n",
             self.extra_agent,
             brokers(),
-            self.redis_url
+            self.redis_url,
+            self.extra_redis
         );
         for (name, prefix, input, store) in &self.topics {
             text.push_str(&format!(

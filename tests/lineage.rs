@@ -1,0 +1,315 @@
+//! Kafka or Redis changing under the agent, against the real broker and real
+//! redis-servers: a topic deleted and recreated (while the agent is stopped
+//! and while it runs), Redis restored from an older RDB snapshot, Redis
+//! refusing writes (OOM), an evicting `maxmemory-policy`, a topic that does
+//! not exist yet. Each ends with the whole keyspace compared with the oracle
+//! of the topic as it is now, and checks what the status said meanwhile.
+
+mod util;
+
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use std::time::{Duration, Instant};
+use util::*;
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client")
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Deletes the topic with the broker's DeleteTopics, then creates it again
+/// with CreateTopics (retried while the broker still finishes the delete).
+fn recreate_topic(topic: &str, partitions: i32) {
+    let results = block_on(admin().delete_topics(&[topic], &AdminOptions::new()))
+        .expect("delete_topics request");
+    for result in results {
+        result.unwrap_or_else(|(t, e)| panic!("deleting topic {t}: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let created = std::panic::catch_unwind(|| create_topic(topic, partitions));
+        if created.is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "could not create {topic} again within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `edgecache status --json` for a config, as a JSON object.
+fn status_json(config: &std::path::Path) -> serde_json::Value {
+    let (code, out, err) = run_cli(&["status", "--config", config.to_str().unwrap(), "--json"]);
+    assert!(code == 0 || code == 3, "status exited {code}: {err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status output {out:?}: {e}"))
+}
+
+/// Old-lineage records on keys k0..k99, mirrored; then the topic is deleted
+/// and recreated with fewer records (so the stored offsets lie past the new
+/// log end) on keys k50..k79 only.
+fn old_and_new_lineage(topic: &str, producer: &mut TestProducer, rng: &mut Rng) {
+    for i in 0..400u64 {
+        let key = format!("k{}", rng.below(100));
+        producer.put(&key, Some(&format!("{{\"old\":{i}}}")));
+    }
+    producer.flush();
+    let _ = topic;
+}
+
+fn new_lineage_records(topic: &str, rng: &mut Rng) -> TestProducer {
+    let mut producer = TestProducer::new(topic);
+    for i in 0..60u64 {
+        let key = format!("k{}", 50 + rng.below(30));
+        producer.put(&key, Some(&format!("{{\"new\":{i}}}")));
+    }
+    producer.flush();
+    producer
+}
+
+#[test]
+fn topic_recreated_while_the_agent_is_stopped() {
+    let mut s = Setup::new("lineage-stopped", 2, false, 11);
+    old_and_new_lineage(&s.topic, &mut s.producer, &mut s.rng);
+    let config = AgentConfig::new(s.redis.url(), &s.topic, "device:").write(s.dir.path());
+    let mut agent = Agent::start(&config);
+    converges(&s.redis, &s.producer);
+    agent.sigterm();
+    let old_keys = s.redis.dump("device:").len();
+
+    recreate_topic(&s.topic, 2);
+    let producer = new_lineage_records(&s.topic, &mut s.rng);
+    let mut agent = Agent::start(&config);
+    converges(&s.redis, &producer);
+    assert!(
+        old_keys > producer.last.len(),
+        "the old lineage must have keys the new one lacks"
+    );
+    wait_until(CONVERGE, "state live after the lineage resync", || {
+        s.redis.state().as_deref() == Some("live")
+    });
+    assert!(s.redis.status_counter("lineage_resyncs") >= 1);
+    // The stored offsets are the new log's.
+    for (p, next) in stored_offsets(&s.redis, &s.topic) {
+        let end = log_records(&s.topic)
+            .iter()
+            .filter(|r| r.0 == p)
+            .map(|r| r.1 + 1)
+            .max()
+            .unwrap_or(0);
+        assert_eq!(next, end, "partition {p}");
+    }
+    let log = agent.log_text();
+    assert!(log.contains("recreated or truncated"), "{log}");
+    agent.sigterm();
+}
+
+#[test]
+fn topic_recreated_while_the_agent_runs() {
+    let mut s = Setup::new("lineage-running", 2, false, 12);
+    old_and_new_lineage(&s.topic, &mut s.producer, &mut s.rng);
+    let config = AgentConfig::new(s.redis.url(), &s.topic, "device:").write(s.dir.path());
+    let agent = Agent::start(&config);
+    converges(&s.redis, &s.producer);
+
+    recreate_topic(&s.topic, 2);
+    let producer = new_lineage_records(&s.topic, &mut s.rng);
+    converges(&s.redis, &producer);
+    wait_until(CONVERGE, "state live after the lineage resync", || {
+        s.redis.state().as_deref() == Some("live")
+    });
+    assert!(s.redis.status_counter("lineage_resyncs") >= 1);
+    // Live updates keep flowing on the new lineage.
+    let mut producer = producer;
+    producer.put("k60", Some("{\"after\":1}"));
+    producer.flush();
+    converges(&s.redis, &producer);
+    drop(agent);
+}
+
+/// Redis with RDB snapshots only crashes and comes back as of its last
+/// snapshot, marker intact: the agent notices (apply sequence), resumes
+/// from the snapshot's offsets, and the keys written after the snapshot
+/// come back.
+#[test]
+fn redis_restored_from_an_older_snapshot() {
+    let topic = unique("lineage-rdb");
+    create_topic(&topic, 3);
+    let redis = Redis::start_with(false, &["--save", ""]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(13);
+    producer.random_states(&mut rng, 1_000, 200);
+    producer.flush();
+    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let agent = Agent::start(&config);
+    converges(&redis, &producer);
+    let _: () = redis::cmd("SAVE").query(&mut redis.conn()).unwrap();
+    let seq_at_snapshot = redis.hgetall("edgecache:offsets")["seq"].clone();
+    // Keys changed and added after the snapshot.
+    producer.random_states(&mut rng, 1_000, 400);
+    producer.flush();
+    converges(&redis, &producer);
+
+    let mut redis = redis;
+    redis.restart();
+    assert_eq!(
+        redis.hgetall("edgecache:offsets")["seq"],
+        seq_at_snapshot,
+        "Redis must come back as of the snapshot"
+    );
+    converges(&redis, &producer);
+    wait_until(CONVERGE, "the divergence to be counted", || {
+        redis.status_counter("redis_divergences") >= 1
+    });
+    let log = agent.log_text();
+    assert!(log.contains("Redis changed under the agent"), "{log}");
+    drop(agent);
+}
+
+/// Redis at maxmemory without eviction refuses the agent's writes: the
+/// status says so (state and reason) within seconds although the status
+/// hash cannot be written, and once memory is raised everything converges.
+#[test]
+fn redis_refusing_writes_shows_in_status_and_heals() {
+    let mut s = Setup::new("lineage-oom", 2, false, 14);
+    let redis = Redis::start_with(false, &["--maxmemory-policy", "noeviction"]);
+    let config = AgentConfig::new(redis.url(), &s.topic, "device:").write(s.dir.path());
+    let agent = Agent::start(&config);
+    s.producer.put("k0", Some("{\"v\":0}"));
+    s.producer.flush();
+    converges(&redis, &s.producer);
+    wait_until(CONVERGE, "live", || {
+        redis.state().as_deref() == Some("live")
+    });
+    // Just above what Redis uses now: the next writes are refused.
+    let used: u64 = {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query(&mut redis.conn())
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used + 2_000)
+        .query(&mut redis.conn())
+        .unwrap();
+    let big = format!("{{\"blob\":\"{}\"}}", "x".repeat(50_000));
+    for i in 0..20 {
+        s.producer.put(&format!("big{i}"), Some(&big));
+    }
+    s.producer.flush();
+    let started = Instant::now();
+    let mut seen = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(30),
+        "edgecache status to report the OOM",
+        || {
+            seen = status_json(&config);
+            seen["state"] == "redis-unreachable" && seen["redis_error"] == "OOM"
+        },
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}: {seen}",
+        started.elapsed()
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query(&mut redis.conn())
+        .unwrap();
+    converges(&redis, &s.producer);
+    wait_until(CONVERGE, "live without an error", || {
+        let status = redis.hgetall("edgecache:status");
+        status.get("state").map(String::as_str) == Some("live")
+            && !status.contains_key("redis_error")
+    });
+    let status = status_json(&config);
+    assert_eq!(status["state"], "live", "{status}");
+    // Each record counted once, however often the batch was retried.
+    assert_eq!(redis.status_counter("records"), s.producer.n_sent);
+    drop(agent);
+}
+
+/// An evicting maxmemory-policy: the agent refuses to start (exit 78,
+/// naming the setting) unless the configuration accepts it.
+#[test]
+fn an_evicting_redis_is_refused_unless_accepted() {
+    let s = Setup::new("lineage-evict", 1, false, 15);
+    let redis = Redis::start_with(false, &["--maxmemory-policy", "allkeys-lru"]);
+    let config = AgentConfig::new(redis.url(), &s.topic, "device:").write(s.dir.path());
+    let mut agent = Agent::start(&config);
+    wait_until(Duration::from_secs(20), "the agent to exit", || {
+        !agent.is_running()
+    });
+    let (status, _) = agent.sigterm();
+    assert_eq!(status.code(), Some(78), "{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(
+        log.contains("maxmemory-policy is allkeys-lru") && log.contains("allow_eviction"),
+        "{log}"
+    );
+    let n_keys: u64 = redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap();
+    assert_eq!(
+        n_keys, 0,
+        "nothing is written when refusing (not even the marker)"
+    );
+
+    let mut accepting = AgentConfig::new(redis.url(), &s.topic, "device:");
+    accepting.extra_redis = "allow_eviction = true\n".into();
+    let config = accepting.write(s.dir.path());
+    let mut producer = s.producer;
+    producer.put("k1", Some("{\"v\":1}"));
+    producer.flush();
+    let agent = Agent::start(&config);
+    converges(&redis, &producer);
+    drop(agent);
+}
+
+/// A configured topic that does not exist yet: state `waiting-for-topic`
+/// (not `rehydrating` for ever), then mirrored once it is created.
+#[test]
+fn a_missing_topic_is_waited_for() {
+    let topic = unique("lineage-missing");
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let agent = Agent::start(&config);
+    wait_until(Duration::from_secs(15), "state waiting-for-topic", || {
+        redis.state().as_deref() == Some("waiting-for-topic")
+    });
+    let status = status_json(&config);
+    assert_eq!(status["state"], "waiting-for-topic", "{status}");
+    create_topic(&topic, 2);
+    let mut producer = TestProducer::new(&topic);
+    producer.put("k1", Some("{\"v\":1}"));
+    producer.flush();
+    converges(&redis, &producer);
+    wait_until(CONVERGE, "live once the topic exists", || {
+        redis.state().as_deref() == Some("live")
+    });
+    drop(agent);
+}
