@@ -196,14 +196,13 @@ impl Snapshot {
             .collect()
     }
 
-    /// Per-partition `records` counter (`topic/p:n`, first number), if any.
+    /// Per-partition `records` counter (`records@topic/p`), if any.
     fn partition_records(&self, topic: &str) -> BTreeMap<i32, u64> {
         self.offsets
             .iter()
             .filter_map(|(field, value)| {
-                let rest = field.strip_prefix(&format!("{topic}/"))?;
-                let p = rest.strip_suffix(":n")?.parse().ok()?;
-                Some((p, value.split_whitespace().next()?.parse().unwrap()))
+                let p = field.strip_prefix(&format!("records@{topic}/"))?;
+                Some((p.parse().ok()?, value.parse().unwrap()))
             })
             .collect()
     }
@@ -234,7 +233,7 @@ enum Counters {
     /// The `records` total equals the sum of the stored offsets (every
     /// record produced is valid, so each offset below them is one record).
     Total,
-    /// Also the per-partition counters (`topic/p:n`) equal the offsets.
+    /// Also the per-partition counters (`records@topic/p`) equal the offsets.
     PerPartition,
     /// Per-partition only: the total may be off until the agent reconnects
     /// (a torn AOF can replay half a transaction).
