@@ -804,8 +804,10 @@ fn publish_denied_at_run_time_writes_nothing_and_recovers() {
     acl_setuser(&redis, "edgecache", &[format!("&{CHANNEL}")]);
     converges(&redis, &producer);
     wait_records(&redis, producer.n_sent);
-    wait_until(CONVERGE, "state live again", || {
-        redis.state().as_deref() == Some("live")
+    wait_until(CONVERGE, "state live again, the error cleared", || {
+        let status = redis.hgetall("edgecache:status");
+        status.get("state").map(String::as_str) == Some("live")
+            && !status.values().any(|v| v.contains("NOPERM"))
     });
     assert_consistent(
         &redis,
@@ -902,6 +904,12 @@ fn foreign_type_change(own_key: &str, seed: u64) {
         Counters::PerPartition,
         "after the foreign key was removed",
     );
+    // No error left over from the first run once Redis takes writes.
+    wait_until(CONVERGE, "state live, no Redis error in the status", || {
+        let status = redis.hgetall("edgecache:status");
+        status.get("state").map(String::as_str) == Some("live")
+            && !status.values().any(|v| v.contains("WRONGTYPE"))
+    });
     drop(agent);
 }
 
