@@ -380,6 +380,12 @@ fn human_status(fields: &std::collections::BTreeMap<String, String>, now_ms: i64
         }
         out.push_str(&format!("  behind      {line}\n"));
     }
+    for (field, offset) in fields.iter().filter(|(k, _)| k.starts_with("stuck.")) {
+        out.push_str(&format!(
+            "  stuck       {} at offset {offset}: its record batch is larger than the agent may receive (raise agent.memory_budget_mib)\n",
+            &field["stuck.".len()..]
+        ));
+    }
     out.push_str(&format!("last applied  {}\n", age("last_applied_ms")));
     out.push_str(&format!("kafka contact {}\n", age("last_kafka_contact_ms")));
     out.push_str(&format!(

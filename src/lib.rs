@@ -21,9 +21,10 @@
 //! `source`, `sink`, `pipeline`, `priority`, `metrics` and `cli` need the `agent` feature (on by
 //! default); without it only the pure modules are built (fuzz/ uses that).
 
-// Two exceptions, allowed where they are: `source::Source::fetched_watermarks`,
-// a read-only librdkafka call that rust-rdkafka does not wrap, and
-// `priority`'s getpriority/setpriority calls.
+// Three exceptions, allowed where they are: `source::Source::fetched_watermarks`,
+// a read-only librdkafka call that rust-rdkafka does not wrap; `source`'s
+// `topic_ids` module, librdkafka's DescribeTopics (topic IDs), which it does
+// not wrap either; and `priority`'s getpriority/setpriority calls.
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
@@ -46,3 +47,74 @@ pub mod resync;
 pub mod sink;
 #[cfg(feature = "agent")]
 pub mod source;
+
+/// ARCHITECTURE.md's invariants and code map, and GUARANTEES.md's test
+/// files, checked against the tree so they cannot drift.
+#[cfg(test)]
+mod architecture {
+    use std::path::Path;
+
+    const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+    fn rust_files(dir: &str) -> Vec<(String, String)> {
+        let mut files: Vec<(String, String)> = std::fs::read_dir(Path::new(ROOT).join(dir))
+            .unwrap()
+            .filter_map(|entry| {
+                let path = entry.ok()?.path();
+                (path.extension()? == "rs").then(|| {
+                    let name = format!("{dir}/{}", path.file_name().unwrap().to_str().unwrap());
+                    (name, std::fs::read_to_string(&path).unwrap())
+                })
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn doc(name: &str) -> String {
+        std::fs::read_to_string(Path::new(ROOT).join(name)).unwrap()
+    }
+
+    #[test]
+    fn only_source_imports_rdkafka_and_only_sink_imports_redis() {
+        for (name, text) in rust_files("src") {
+            let code: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            // Built here so this file does not match itself.
+            let (kafka, redis) = (format!("{}::", "rdkafka"), format!("{}::", "redis"));
+            if name != "src/source.rs" {
+                assert!(!code.contains(&kafka), "{name} uses rdkafka");
+            }
+            if name != "src/sink.rs" {
+                assert!(!code.contains(&redis), "{name} uses redis");
+            }
+        }
+    }
+
+    #[test]
+    fn the_code_map_names_every_source_and_test_file() {
+        let map = doc("ARCHITECTURE.md");
+        for (name, _) in rust_files("src").into_iter().chain(rust_files("tests")) {
+            assert!(
+                map.contains(&format!("`{name}`")),
+                "ARCHITECTURE.md's code map lacks `{name}`"
+            );
+        }
+    }
+
+    #[test]
+    fn every_test_file_guarantees_md_names_exists() {
+        let guarantees = doc("GUARANTEES.md");
+        let mut named = 0;
+        for word in guarantees.split('`') {
+            if word.starts_with("tests/") && word.ends_with(".rs") {
+                named += 1;
+                assert!(Path::new(ROOT).join(word).exists(), "{word} does not exist");
+            }
+        }
+        assert!(named > 5, "GUARANTEES.md names its tests");
+    }
+}

@@ -39,9 +39,10 @@ const AGE_BUCKETS_MS: [u64; 13] = [
     1, 2, 5, 10, 20, 50, 100, 250, 1_000, 5_000, 30_000, 300_000, 3_600_000,
 ];
 
-const STATES: [State; 8] = [
+const STATES: [State; 9] = [
     State::Starting,
     State::WaitingForTopic,
+    State::PartitionStuck,
     State::Rehydrating,
     State::CatchingUp,
     State::Live,

@@ -71,6 +71,9 @@ pub enum State {
     Starting,
     /// A configured topic does not exist (yet); the others are mirrored.
     WaitingForTopic,
+    /// Every partition is mirrored live but one or more whose next record
+    /// batch is larger than the agent may receive (see `stuck.*` fields).
+    PartitionStuck,
     Rehydrating,
     CatchingUp,
     Live,
@@ -85,6 +88,7 @@ impl State {
         match self {
             State::Starting => "starting",
             State::WaitingForTopic => "waiting-for-topic",
+            State::PartitionStuck => "partition-stuck",
             State::Rehydrating => "rehydrating",
             State::CatchingUp => "catching-up",
             State::Live => "live",
@@ -187,6 +191,16 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         redis_problem: None,
         retrying: false,
         lineage_due: BTreeSet::new(),
+        oversize_seen: 0,
+        isolating: None,
+        stuck: BTreeMap::new(),
+        stuck_log_end: BTreeMap::new(),
+        stuck_task: None,
+        last_stuck_at: None,
+        last_log_end: Instant::now()
+            .checked_sub(TICK * 10)
+            .unwrap_or_else(Instant::now),
+        reported_stuck: BTreeMap::new(),
         fit_checked: Instant::now(),
         lineage_suspect: BTreeSet::new(),
         unfit: None,
@@ -331,6 +345,21 @@ struct Pipeline<'s> {
     redis_problem: Option<(String, String, i64)>,
     /// True while a batch Redis refused waits in `apply_retrying`.
     retrying: bool,
+    /// Fetch responses over `receive.message.max.bytes` seen so far.
+    oversize_seen: u64,
+    /// The search for the partition whose record batch is too large.
+    isolating: Option<Isolating>,
+    /// Partitions paused because their next record batch is larger than the
+    /// agent may receive, and the offset each is stuck at.
+    stuck: BTreeMap<PartitionId, i64>,
+    /// Their log ends, asked of the broker (paused partitions are not
+    /// fetched, so librdkafka's watermarks for them go stale).
+    stuck_log_end: BTreeMap<PartitionId, i64>,
+    stuck_task: Option<LogEndTask>,
+    last_stuck_at: Option<Instant>,
+    last_log_end: Instant,
+    /// `stuck.<topic>/<p>` fields as last written to the status hash.
+    reported_stuck: BTreeMap<PartitionId, i64>,
     /// When Redis's eviction policy and the agent's permissions were last
     /// checked.
     fit_checked: Instant,
@@ -357,6 +386,23 @@ struct Reported {
     /// Next offsets last committed to `kafka.commit_group`.
     committed: BTreeMap<PartitionId, i64>,
 }
+
+type LogEndTask = tokio::task::JoinHandle<Result<Vec<(PartitionId, i64)>, SourceError>>;
+
+/// The search for the partition whose next record batch librdkafka refuses
+/// (larger than `receive.message.max.bytes`). The refused response drops
+/// the broker connection, so every partition fetched over it stalls: all
+/// are paused, then resumed one at a time; the one whose resumption brings
+/// the error back stays paused.
+#[derive(Debug)]
+struct Isolating {
+    to_probe: Vec<PartitionId>,
+    probe: Option<(PartitionId, Instant)>,
+}
+
+/// How long a resumed partition must go without a refused response to be
+/// cleared.
+const PROBE_FOR: Duration = Duration::from_secs(6);
 
 type RetentionTask = tokio::task::JoinHandle<Result<Vec<Option<i64>>, SourceError>>;
 
@@ -1127,6 +1173,12 @@ impl Pipeline<'_> {
                 return Flow::Stop;
             }
         }
+        self.isolate_oversize(source);
+        // Statistics have shown a broker connection up for a while since
+        // librdkafka last said all were down.
+        if source.brokers_down() && source.settled() {
+            source.mark_reachable();
+        }
         self.discover_new(source);
         if source.brokers_down() && self.state != State::RedisUnreachable {
             if self.state != State::KafkaUnreachable {
@@ -1194,6 +1246,26 @@ impl Pipeline<'_> {
                 changed.push((partition, lag));
             }
         }
+        let mut stuck_gone = Vec::new();
+        for (partition, at) in &self.stuck {
+            if self.reported_stuck.get(partition) != Some(at) {
+                let topic = &self.settings.topics[partition.0].name;
+                fields.push((format!("stuck.{topic}/{}", partition.1), at.to_string()));
+            }
+        }
+        for partition in self.reported_stuck.keys() {
+            if !self.stuck.contains_key(partition) {
+                let topic = &self.settings.topics[partition.0].name;
+                stuck_gone.push(format!("stuck.{topic}/{}", partition.1));
+            }
+        }
+        if !stuck_gone.is_empty() {
+            let gone: Vec<&str> = stuck_gone.iter().map(String::as_str).collect();
+            if self.sink.clear_status(&gone).await.is_ok() {
+                self.reported_stuck
+                    .retain(|p, _| self.stuck.contains_key(p));
+            }
+        }
         let contact_changed =
             last_contact_ms.is_some() && last_contact_ms != self.reported.last_contact_ms;
         if let (true, Some(ms)) = (contact_changed, last_contact_ms) {
@@ -1205,6 +1277,7 @@ impl Pipeline<'_> {
             .collect();
         match self.sink.set_status(&fields).await {
             Ok(()) => {
+                self.reported_stuck = self.stuck.clone();
                 self.reported.partition_lag.extend(changed);
                 if contact_changed {
                     self.reported.last_contact_ms = last_contact_ms;
@@ -1274,6 +1347,120 @@ impl Pipeline<'_> {
                 Some(Ok(Err(e))) => debug!("reading topic configurations: {e}; will retry"),
                 _ => {}
             },
+        }
+    }
+
+    /// Once per tick: finds and pauses partitions whose next record batch
+    /// librdkafka refuses as too large (see [`Isolating`]), so the others
+    /// keep flowing; asks the broker for the stuck ones' log ends.
+    fn isolate_oversize(&mut self, source: &Source) {
+        let seen = source.oversize_responses();
+        // A fetch sent before a partition was paused may still be refused:
+        // errors right after a partition was found are not news.
+        let refused = seen > self.oversize_seen
+            && self
+                .last_stuck_at
+                .is_none_or(|at| at.elapsed() >= PROBE_FOR);
+        self.oversize_seen = seen;
+        match self.isolating.take() {
+            None if refused => {
+                let candidates: Vec<PartitionId> = self
+                    .positions
+                    .keys()
+                    .filter(|p| !self.stuck.contains_key(p))
+                    .copied()
+                    .collect();
+                warn!(
+                    n_partitions = candidates.len(),
+                    "a record batch is larger than the agent may receive \
+                     (receive.message.max.bytes, from agent.memory_budget_mib): \
+                     pausing the partitions to find which one"
+                );
+                if let Err(e) = source.pause(&candidates, true) {
+                    error!("{e}");
+                    return;
+                }
+                // Partitions read to their end cannot hold the batch: resume
+                // them at once. Probed last to first, so those known to have
+                // records waiting go first.
+                let (idle, mut to_probe): (Vec<PartitionId>, Vec<PartitionId>) =
+                    candidates.into_iter().partition(|&p| {
+                        matches!(
+                            (source.fetched_watermarks(p), self.positions.get(&p)),
+                            (Some((_, high)), Some(Start::At(next))) if *next >= high
+                        )
+                    });
+                let _ = source.pause(&idle, false);
+                to_probe.sort_by_key(|&p| {
+                    let waiting = match (source.fetched_watermarks(p), self.positions.get(&p)) {
+                        (Some((_, high)), Some(Start::At(next))) => high > *next,
+                        _ => false,
+                    };
+                    waiting
+                });
+                self.isolating = Some(Isolating {
+                    to_probe,
+                    probe: None,
+                });
+            }
+            None => {}
+            Some(mut isolating) => {
+                if let Some((partition, since)) = isolating.probe {
+                    if refused {
+                        let _ = source.pause(&[partition], true);
+                        let at = match self.positions.get(&partition) {
+                            Some(Start::At(next)) => *next,
+                            _ => source
+                                .fetched_watermarks(partition)
+                                .map_or(0, |(low, _)| low),
+                        };
+                        error!(
+                            topic = %self.settings.topics[partition.0].name,
+                            partition = partition.1,
+                            offset = at,
+                            "partition stopped: its record batch at this offset is larger than \
+                             the agent may receive; raise agent.memory_budget_mib (the largest \
+                             response is printed by check-config as receive.message.max.bytes) \
+                             and restart. The other partitions go on."
+                        );
+                        self.stuck.insert(partition, at);
+                        self.last_stuck_at = Some(Instant::now());
+                        isolating.probe = None;
+                    } else if since.elapsed() >= PROBE_FOR {
+                        isolating.probe = None;
+                    }
+                }
+                if isolating.probe.is_none() {
+                    match isolating.to_probe.pop() {
+                        Some(partition) => {
+                            let _ = source.pause(&[partition], false);
+                            isolating.probe = Some((partition, Instant::now()));
+                        }
+                        None => {
+                            info!(n_stuck = self.stuck.len(), "oversized record search done");
+                            // The refused responses looked like a broker
+                            // outage; the connection is fine once the batch
+                            // is no longer asked for.
+                            source.mark_reachable();
+                            return;
+                        }
+                    }
+                }
+                self.isolating = Some(isolating);
+            }
+        }
+        match self.stuck_task.take() {
+            Some(task) if !task.is_finished() => self.stuck_task = Some(task),
+            Some(task) => {
+                if let Some(Ok(Ok(ends))) = task.now_or_never() {
+                    self.stuck_log_end.extend(ends);
+                }
+            }
+            None if !self.stuck.is_empty() && self.last_log_end.elapsed() >= TICK * 10 => {
+                self.last_log_end = Instant::now();
+                self.stuck_task = Some(source.log_end_task(self.stuck.keys().copied().collect()));
+            }
+            None => {}
         }
     }
 
@@ -1384,12 +1571,17 @@ impl Pipeline<'_> {
     /// Assigns every partition at its position, dropping what librdkafka
     /// prefetched and its watermarks (stale ones could declare a re-read
     /// caught up).
-    fn reassign(&self, source: &Source) {
+    fn reassign(&mut self, source: &Source) {
         let starts: Vec<_> = self.positions.iter().map(|(&p, &s)| (p, s)).collect();
         if let Err(e) = source.assign(&starts) {
             error!("{e}");
         }
         source.forget_watermarks();
+        // A new assignment resumes every partition: an oversized batch is
+        // found again if it is still ahead.
+        self.stuck.clear();
+        self.stuck_log_end.clear();
+        self.isolating = None;
     }
 
     /// Starts counting a new catch-up (rehydrate or resync) for the progress
@@ -1616,6 +1808,9 @@ impl Pipeline<'_> {
                     Some(Start::At(next)) => *next,
                     _ => mark.low,
                 };
+                if let Some(&end) = self.stuck_log_end.get(p) {
+                    return Some((*p, (end - next).max(0) as u64));
+                }
                 // Past the log end: a recreated topic (see
                 // `check_lineage`), or statistics older than the last
                 // fetch. Either way the lag is not known.
@@ -1636,10 +1831,17 @@ impl Pipeline<'_> {
     /// Caught up when the lag is zero with nothing in hand; logs progress
     /// every few seconds until then.
     fn check_caught_up(&mut self, source: &Source) {
-        let Some(lag) = self.lag(source) else {
+        let Some(partition_lag) = self.partition_lag(source) else {
             return;
         };
-        self.lag = Some(lag);
+        self.lag = Some(partition_lag.iter().map(|(_, lag)| lag).sum());
+        // Stuck partitions cannot move until the budget is raised: they are
+        // reported (state `partition-stuck`), not waited for.
+        let lag: u64 = partition_lag
+            .iter()
+            .filter(|(p, _)| !self.stuck.contains_key(p))
+            .map(|(_, lag)| lag)
+            .sum();
         if lag > 0 {
             let elapsed = self.progress_at.elapsed();
             if elapsed >= PROGRESS_EVERY {
@@ -1677,6 +1879,9 @@ impl Pipeline<'_> {
     fn applied_all_fetched(&self, source: &Source) -> bool {
         !self.positions.is_empty()
             && self.positions.iter().all(|(&partition, start)| {
+                if self.stuck.contains_key(&partition) {
+                    return true;
+                }
                 match (source.fetched_watermarks(partition), start) {
                     // Above the log end is another lineage, not caught up
                     // (`check_lineage`).
@@ -1732,6 +1937,7 @@ impl Pipeline<'_> {
             {
                 State::WaitingForTopic
             }
+            State::Live if !self.stuck.is_empty() => State::PartitionStuck,
             other => other,
         }
     }

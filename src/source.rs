@@ -68,6 +68,10 @@ pub struct SourceContext {
     /// few seconds: right after a reconnect they may still be the ones from
     /// before the outage.
     up_since: std::sync::Mutex<Option<Instant>>,
+    /// Fetch responses refused for being over `receive.message.max.bytes`
+    /// (one record batch too large for the budget): librdkafka drops the
+    /// connection, which stalls every partition fetched over it.
+    oversize_responses: AtomicU64,
 }
 
 impl ClientContext for SourceContext {
@@ -137,6 +141,13 @@ impl ClientContext for SourceContext {
             // End of partition is news, not an error (the pipeline asks for
             // watermarks to know it caught up).
             KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => return,
+            // librdkafka reports this case with a generic code; only its
+            // text says which (rdkafka_transport.c, "Invalid response size").
+            KafkaError::Global(RDKafkaErrorCode::BadMessage)
+                if reason.contains("Invalid response size") =>
+            {
+                self.oversize_responses.fetch_add(1, Ordering::Relaxed);
+            }
             KafkaError::Global(RDKafkaErrorCode::AllBrokersDown) => {
                 self.brokers_down.store(true, Ordering::Relaxed);
                 *self.up_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -417,6 +428,51 @@ impl Source {
         })
     }
 
+    /// Starts reading each configured topic's topic ID (KIP-516) in the
+    /// background: a DescribeTopics request (a Metadata request to the
+    /// controller) on the consumer's own librdkafka instance, answered on a
+    /// queue of its own, so the pipeline's polling never sees it. Per
+    /// configured topic, in order: `Some(id)`, Kafka's own form of the UUID
+    /// (22 characters of URL-safe base64 without padding, as
+    /// `kafka-topics.sh --describe` prints it), or `None` when the topic
+    /// does not exist, the broker reports no ID (the zero UUID) or refuses
+    /// to describe it (DescribeTopics needs Describe on the topic, which
+    /// Read implies; logged as a warning). A topic deleted and recreated
+    /// under the same name gets a new ID. A failed or timed-out request (at
+    /// most [`REQUEST_TIMEOUT`]) is an error, to be retried.
+    ///
+    /// Not a short-lived admin client like [`Source::retention_task`]'s:
+    /// rust-rdkafka 0.38 leaks about 200 bytes per client it creates (it
+    /// never releases the queue from `rd_kafka_queue_get_main` it passes to
+    /// `rd_kafka_set_log_queue`), which a periodic check would accumulate,
+    /// and each one opens its own broker connections.
+    pub fn topic_ids_task(
+        &self,
+    ) -> tokio::task::JoinHandle<Result<Vec<Option<String>>, SourceError>> {
+        let consumer = self.consumer.clone();
+        let c_names = self.topic_c_names.clone();
+        tokio::task::spawn_blocking(move || {
+            // librdkafka rejects the whole request if a name repeats.
+            let mut asked: Vec<&std::ffi::CStr> = Vec::with_capacity(c_names.len());
+            for name in c_names.iter().flatten() {
+                if !asked.contains(&name.as_c_str()) {
+                    asked.push(name);
+                }
+            }
+            let described = topic_ids::describe(consumer.client(), &asked, REQUEST_TIMEOUT)?;
+            Ok(c_names
+                .iter()
+                .map(|name| {
+                    let name = name.as_ref()?.to_str().ok()?;
+                    described
+                        .iter()
+                        .find(|(described, _)| described == name)
+                        .and_then(|(_, id)| id.clone())
+                })
+                .collect())
+        })
+    }
+
     /// Partitions of every configured topic, from broker metadata. A topic
     /// that does not exist (yet) has none; the caller asks again later.
     /// Runs on tokio's blocking pool: librdkafka's call blocks.
@@ -523,6 +579,52 @@ impl Source {
             .map_err(|e| SourceError::Request(e.to_string()))
     }
 
+    /// How many fetch responses librdkafka refused as larger than
+    /// `receive.message.max.bytes` so far.
+    pub fn oversize_responses(&self) -> u64 {
+        self.consumer
+            .context()
+            .oversize_responses
+            .load(Ordering::Relaxed)
+    }
+
+    /// Stops (`pause`) or restarts fetching these partitions, keeping their
+    /// positions.
+    pub fn pause(&self, partitions: &[PartitionId], pause: bool) -> Result<(), SourceError> {
+        let mut list = TopicPartitionList::new();
+        for &(topic_idx, partition) in partitions {
+            list.add_partition(&self.topic_names[topic_idx], partition);
+        }
+        let result = if pause {
+            self.consumer.pause(&list)
+        } else {
+            self.consumer.resume(&list)
+        };
+        result.map_err(|e| SourceError::Request(e.to_string()))
+    }
+
+    /// Asks the broker for the log end of these partitions in the
+    /// background (ListOffsets): for partitions that are paused, whose
+    /// watermarks librdkafka no longer learns from fetches.
+    pub fn log_end_task(
+        &self,
+        partitions: Vec<PartitionId>,
+    ) -> tokio::task::JoinHandle<Result<Vec<(PartitionId, i64)>, SourceError>> {
+        let consumer = self.consumer.clone();
+        let names = self.topic_names.clone();
+        tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .map(|(topic_idx, partition)| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&names[topic_idx], partition, REQUEST_TIMEOUT)
+                        .map_err(|e| SourceError::Request(e.to_string()))?;
+                    Ok(((topic_idx, partition), high))
+                })
+                .collect()
+        })
+    }
+
     /// Adds partitions (a topic grew, or appeared) to the assignment.
     pub fn add(&self, starts: &[(PartitionId, Start)]) -> Result<(), SourceError> {
         let list = self.list(starts)?;
@@ -618,6 +720,258 @@ impl Source {
             },
             Err(KafkaError::PartitionEOF(_)) => Event::EndOfPartition,
             Err(e) => Event::Error(e.to_string()),
+        }
+    }
+}
+
+/// DescribeTopics through librdkafka's C API: rust-rdkafka does not wrap it,
+/// and it is the only client call that returns topic IDs. Each librdkafka
+/// object is held by an owner that destroys it when dropped, so every
+/// return path (error, timeout, panic) frees what was created; all of them
+/// are local to [`topic_ids::describe`], which borrows the client, so they
+/// are destroyed before the client can be.
+#[allow(unsafe_code)]
+mod topic_ids {
+    use super::SourceError;
+    use rdkafka::bindings as rd;
+    use rdkafka::client::Client;
+    use rdkafka::ClientContext;
+    use std::ffi::{c_char, CStr};
+    use std::time::{Duration, Instant};
+
+    /// (name, ID) for each described topic, in librdkafka's order.
+    type Described = Vec<(String, Option<String>)>;
+
+    /// A queue of our own for the one result event.
+    struct Queue(*mut rd::rd_kafka_queue_t);
+    impl Drop for Queue {
+        fn drop(&mut self) {
+            // SAFETY: the pointer came non-null from rd_kafka_queue_new and
+            // is destroyed once, here, while the client (borrowed by
+            // `describe`, which owns this value) is still alive. A request
+            // still outstanding keeps its own reference; librdkafka then
+            // discards its result.
+            unsafe { rd::rd_kafka_queue_destroy(self.0) }
+        }
+    }
+
+    struct Options(*mut rd::rd_kafka_AdminOptions_t);
+    impl Drop for Options {
+        fn drop(&mut self) {
+            // SAFETY: non-null from rd_kafka_AdminOptions_new, destroyed
+            // once; rd_kafka_DescribeTopics copies the options, so nothing
+            // refers to them afterwards.
+            unsafe { rd::rd_kafka_AdminOptions_destroy(self.0) }
+        }
+    }
+
+    struct Collection(*mut rd::rd_kafka_TopicCollection_t);
+    impl Drop for Collection {
+        fn drop(&mut self) {
+            // SAFETY: non-null from rd_kafka_TopicCollection_of_topic_names,
+            // destroyed once; rd_kafka_DescribeTopics copies the names.
+            unsafe { rd::rd_kafka_TopicCollection_destroy(self.0) }
+        }
+    }
+
+    /// An event taken from the queue; owns everything the result points to.
+    struct Event(*mut rd::rd_kafka_event_t);
+    impl Drop for Event {
+        fn drop(&mut self) {
+            // SAFETY: non-null from rd_kafka_queue_poll, destroyed once; no
+            // pointer into it outlives `describe` (strings are copied).
+            unsafe { rd::rd_kafka_event_destroy(self.0) }
+        }
+    }
+
+    /// Describes the named topics (unique names).
+    pub(super) fn describe<C: ClientContext>(
+        client: &Client<C>,
+        names: &[&CStr],
+        timeout: Duration,
+    ) -> Result<Described, SourceError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let failed = |what: &str| SourceError::Request(format!("DescribeTopics: {what}"));
+        let rk = client.native_ptr();
+        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+
+        // SAFETY: `rk` is valid while `client` is borrowed, i.e. for this
+        // whole function, and the queue is destroyed (Queue::drop) before
+        // the function returns.
+        let queue = Queue(unsafe { rd::rd_kafka_queue_new(rk) });
+        if queue.0.is_null() {
+            return Err(failed("cannot create a queue"));
+        }
+        {
+            // SAFETY: `rk` is valid (as above); the op type is one of the
+            // enum's values (librdkafka returns NULL for an unknown one).
+            let options = Options(unsafe {
+                rd::rd_kafka_AdminOptions_new(
+                    rk,
+                    rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBETOPICS,
+                )
+            });
+            if options.0.is_null() {
+                return Err(failed("cannot create admin options"));
+            }
+            let mut errstr = [0 as c_char; 256];
+            // SAFETY: `options` is a live AdminOptions; `errstr` is a
+            // writable buffer of the length passed, which librdkafka
+            // NUL-terminates.
+            let err = unsafe {
+                rd::rd_kafka_AdminOptions_set_request_timeout(
+                    options.0,
+                    timeout_ms,
+                    errstr.as_mut_ptr(),
+                    errstr.len(),
+                )
+            };
+            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                // SAFETY: librdkafka wrote a NUL-terminated message into
+                // `errstr` (zero-initialised, so terminated in any case).
+                let message = unsafe { CStr::from_ptr(errstr.as_ptr()) };
+                return Err(failed(&message.to_string_lossy()));
+            }
+            let mut pointers: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+            // SAFETY: `pointers` holds `names.len()` NUL-terminated strings
+            // that outlive the call; librdkafka copies them (it does not
+            // write through the pointer array despite its `*mut` type).
+            let collection = Collection(unsafe {
+                rd::rd_kafka_TopicCollection_of_topic_names(pointers.as_mut_ptr(), pointers.len())
+            });
+            if collection.0.is_null() {
+                return Err(failed("cannot create the topic collection"));
+            }
+            // SAFETY: client, collection, options and queue are all live;
+            // librdkafka copies the collection and options before returning
+            // (they are destroyed at the end of this block) and keeps its
+            // own reference to the queue until it delivers the result.
+            unsafe { rd::rd_kafka_DescribeTopics(rk, collection.0, options.0, queue.0) };
+        }
+
+        // librdkafka times the request out itself (request timeout above) and
+        // then delivers an error event; this deadline only guards against
+        // that never coming.
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(failed(&format!("no answer within {timeout:?}")));
+            }
+            let left_ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: `queue` is live; the returned event (if any) is owned
+            // by us and destroyed by Event::drop.
+            let event = Event(unsafe { rd::rd_kafka_queue_poll(queue.0, left_ms) });
+            if event.0.is_null() {
+                continue;
+            }
+            if let Some(described) = read_result(&event)? {
+                return Ok(described);
+            }
+        }
+    }
+
+    /// The topics a DescribeTopics result event describes; `None` for any
+    /// other event (none is expected on our own queue).
+    fn read_result(event: &Event) -> Result<Option<Described>, SourceError> {
+        // SAFETY: `event` is a live event for the duration of the borrow.
+        // Every pointer read below (result, descriptions, names, errors,
+        // UUIDs, the base64 string cached in the UUID) is owned by the event
+        // and only used within this block; what is kept is copied into Rust
+        // strings. Array lengths come from librdkafka with the array.
+        unsafe {
+            if rd::rd_kafka_event_type(event.0) != rd::RD_KAFKA_EVENT_DESCRIBETOPICS_RESULT {
+                return Ok(None);
+            }
+            let err = rd::rd_kafka_event_error(event.0);
+            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                let message = rd::rd_kafka_event_error_string(event.0);
+                let message = if message.is_null() {
+                    format!("{err:?}")
+                } else {
+                    CStr::from_ptr(message).to_string_lossy().into_owned()
+                };
+                return Err(SourceError::Request(format!("DescribeTopics: {message}")));
+            }
+            let result = rd::rd_kafka_event_DescribeTopics_result(event.0);
+            if result.is_null() {
+                return Err(SourceError::Request(
+                    "DescribeTopics: result event without a result".into(),
+                ));
+            }
+            let mut count = 0usize;
+            let topics = rd::rd_kafka_DescribeTopics_result_topics(result, &mut count);
+            if topics.is_null() || count == 0 {
+                return Ok(Some(Vec::new()));
+            }
+            let mut described = Vec::with_capacity(count);
+            for &topic in std::slice::from_raw_parts(topics, count) {
+                if topic.is_null() {
+                    continue;
+                }
+                let name = rd::rd_kafka_TopicDescription_name(topic);
+                if name.is_null() {
+                    continue;
+                }
+                let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+                let error = rd::rd_kafka_TopicDescription_error(topic);
+                if !error.is_null() {
+                    let code = rd::rd_kafka_error_code(error);
+                    if code != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART {
+                        let message = rd::rd_kafka_error_string(error);
+                        let message = if message.is_null() {
+                            format!("{code:?}")
+                        } else {
+                            CStr::from_ptr(message).to_string_lossy().into_owned()
+                        };
+                        tracing::warn!(topic = %name, "cannot read the topic's ID: {message}");
+                    }
+                    described.push((name, None));
+                    continue;
+                }
+                let uuid = rd::rd_kafka_TopicDescription_topic_id(topic);
+                // The zero UUID is Kafka's "no ID".
+                let id = if uuid.is_null()
+                    || (rd::rd_kafka_Uuid_most_significant_bits(uuid) == 0
+                        && rd::rd_kafka_Uuid_least_significant_bits(uuid) == 0)
+                {
+                    None
+                } else {
+                    let text = rd::rd_kafka_Uuid_base64str(uuid);
+                    (!text.is_null()).then(|| kafka_form(CStr::from_ptr(text)))
+                };
+                described.push((name, id));
+            }
+            Ok(Some(described))
+        }
+    }
+
+    /// librdkafka encodes with the standard base64 alphabet; Kafka (its
+    /// `Uuid.toString`, the CLI tools, the broker's logs) with the URL-safe
+    /// one. Same 22 characters otherwise: '+' is '-', '/' is '_'.
+    fn kafka_form(base64: &CStr) -> String {
+        base64
+            .to_string_lossy()
+            .chars()
+            .map(|c| match c {
+                '+' => '-',
+                '/' => '_',
+                c => c,
+            })
+            .filter(|&c| c != '=')
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn kafka_form_is_url_safe_without_padding() {
+            assert_eq!(
+                super::kafka_form(c"+/AbCdEfGhIjKlMnOpQr9=="),
+                "-_AbCdEfGhIjKlMnOpQr9"
+            );
         }
     }
 }

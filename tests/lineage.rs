@@ -313,3 +313,228 @@ fn a_missing_topic_is_waited_for() {
     });
     drop(agent);
 }
+
+/// A record batch larger than the agent may receive (`receive.message.max.bytes`,
+/// derived from the memory budget) stops only its own partition: another
+/// partition of the same topic and another topic on the same broker keep
+/// flowing, and the status shows the stuck partition, its offset and its
+/// true lag.
+#[test]
+fn an_oversized_record_stops_only_its_partition() {
+    let big_topic = unique("lineage-big");
+    let other_topic = unique("lineage-other");
+    create_topic_configs(
+        &big_topic,
+        2,
+        &[
+            ("cleanup.policy", "compact"),
+            ("max.message.bytes", "3000000"),
+        ],
+    );
+    create_topic(&other_topic, 1);
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(redis.url(), &big_topic, "a:");
+    // The smallest budget: a response may be at most 1 MiB + 64 KiB.
+    config.extra_agent = "memory_budget_mib = 4".into();
+    config
+        .topics
+        .push((other_topic.clone(), "b:".into(), "json", "postcard"));
+    let config = config.write(dir.path());
+    let mut big = TestProducer::new(&big_topic);
+    let mut other = TestProducer::new(&other_topic);
+    big.send_to(Some(b"k0"), Some(b"{\"v\":0}"), Some(0));
+    big.flush();
+    let giant = format!("{{\"blob\":\"{}\"}}", "x".repeat(1_900_000));
+    big.send_to(Some(b"k1"), Some(giant.as_bytes()), Some(0));
+    big.flush();
+    big.send_to(Some(b"k2"), Some(b"{\"v\":2}"), Some(0));
+    for i in 0..50 {
+        big.send_to(
+            Some(format!("p1-{i}").as_bytes()),
+            Some(b"{\"v\":1}"),
+            Some(1),
+        );
+    }
+    big.flush();
+    let agent = Agent::start_with_env(&config, &[]);
+    for i in 0..50 {
+        other.put(&format!("o{i}"), Some("{\"v\":1}"));
+    }
+    other.flush();
+    wait_until(
+        Duration::from_secs(90),
+        "the other topic and partition to be mirrored",
+        || redis.dump("b:").len() == 50 && redis.dump("a:p1-").len() == 50,
+    );
+    // k0 came before the giant record; k2 after it, so it cannot be there.
+    assert!(redis.dump("a:k0").len() == 1);
+    assert!(redis.dump("a:k2").is_empty());
+    let field = format!("stuck.{big_topic}/0");
+    wait_until(
+        Duration::from_secs(30),
+        "the stuck partition in the status",
+        || {
+            let status = redis.hgetall("edgecache:status");
+            status.get(&field).map(String::as_str) == Some("1")
+                && status
+                    .get(&format!("lag.{big_topic}/0"))
+                    .map(String::as_str)
+                    == Some("2")
+                && status.get("state").map(String::as_str) == Some("partition-stuck")
+        },
+    );
+    // Live updates of the other topic still flow with the partition stuck.
+    other.put("o-live", Some("{\"v\":2}"));
+    other.flush();
+    wait_until(
+        Duration::from_secs(30),
+        "a live update of the other topic",
+        || redis.dump("b:o-live").len() == 1,
+    );
+    let (code, out, err) = run_cli(&["status", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("partition-stuck") && out.contains("at offset 1"),
+        "{out}"
+    );
+    drop(agent);
+}
+
+/// A real replica promotion: the replica stops following (REPLICAOF NO
+/// ONE) while the primary takes more writes, then the primary dies and the
+/// agent's Redis address (a unix socket path, as a failover would move it)
+/// leads to the promoted, older replica. The agent notices, resumes from
+/// the replica's offsets and converges there.
+#[test]
+fn a_stale_replica_promoted() {
+    let topic = unique("lineage-replica");
+    create_topic(&topic, 2);
+    let mut primary = Redis::start(false);
+    let replica = Redis::start_with(
+        false,
+        &["--replicaof", "127.0.0.1", &primary.port.to_string()],
+    );
+    let link_dir = tempfile::tempdir().unwrap();
+    let link = link_dir.path().join("redis.sock");
+    std::os::unix::fs::symlink(primary.dir.path().join("redis.sock"), &link).unwrap();
+    let config = AgentConfig::new(format!("unix://{}", link.display()), &topic, "device:")
+        .write(link_dir.path());
+    let mut producer = TestProducer::new(&topic);
+    let mut rng = Rng::new(21);
+    producer.random_states(&mut rng, 600, 150);
+    producer.flush();
+    let agent = Agent::start(&config);
+    converges(&primary, &producer);
+    // The replica has everything so far, then is promoted and stops following.
+    let _: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut primary.conn())
+        .unwrap();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut replica.conn())
+        .unwrap();
+    let seq_on_replica = replica.hgetall("edgecache:offsets")["seq"].clone();
+    producer.random_states(&mut rng, 600, 300);
+    producer.flush();
+    converges(&primary, &producer);
+    assert_ne!(primary.hgetall("edgecache:offsets")["seq"], seq_on_replica);
+
+    // Failover: the primary dies, its address now leads to the replica.
+    primary.kill();
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(replica.dir.path().join("redis.sock"), &link).unwrap();
+    converges(&replica, &producer);
+    wait_until(CONVERGE, "the divergence to be counted", || {
+        replica.status_counter("redis_divergences") >= 1
+    });
+    wait_until(CONVERGE, "live on the promoted replica", || {
+        replica.state().as_deref() == Some("live")
+    });
+    drop(agent);
+}
+
+/// A connection without the harness's PING, which Redis answers with
+/// MISCONF too while it refuses writes.
+fn raw(redis: &Redis) -> redis::Connection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+/// Redis refusing writes with MISCONF (a failed RDB snapshot while
+/// `stop-writes-on-bgsave-error` is on): `edgecache status` says so within
+/// seconds although nothing can be written to the status hash, and the
+/// agent converges once snapshots work again.
+#[test]
+fn misconf_shows_in_status_and_heals() {
+    let s = Setup::new("lineage-misconf", 1, false, 22);
+    let doomed = tempfile::tempdir().unwrap();
+    let redis = Redis::start_with(
+        false,
+        &["--save", "3600 1", "--enable-protected-configs", "yes"],
+    );
+    let config = AgentConfig::new(redis.url(), &s.topic, "device:").write(s.dir.path());
+    let mut producer = s.producer;
+    producer.put("k0", Some("{\"v\":0}"));
+    producer.flush();
+    let agent = Agent::start(&config);
+    converges(&redis, &producer);
+    // Snapshots go to a directory that then disappears: BGSAVE fails.
+    let doomed_path = doomed.path().to_str().unwrap().to_owned();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("dir")
+        .arg(&doomed_path)
+        .query(&mut redis.conn())
+        .unwrap();
+    drop(doomed);
+    let _: () = redis::cmd("BGSAVE").query(&mut raw(&redis)).unwrap();
+    wait_until(Duration::from_secs(10), "the snapshot to fail", || {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query(&mut raw(&redis))
+            .unwrap();
+        info.contains("rdb_last_bgsave_status:err") && info.contains("rdb_bgsave_in_progress:0")
+    });
+    for i in 0..20 {
+        producer.put(&format!("k{i}"), Some("{\"v\":1}"));
+    }
+    producer.flush();
+    let mut seen = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(15),
+        "edgecache status to report MISCONF",
+        || {
+            seen = status_json(&config);
+            seen["state"] == "redis-unreachable" && seen["redis_error"] == "MISCONF"
+        },
+    );
+    // Snapshots work again: writes are taken, the batch goes in.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("dir")
+        .arg(s.dir.path().to_str().unwrap())
+        .query(&mut raw(&redis))
+        .unwrap();
+    let _: () = redis::cmd("BGSAVE").query(&mut raw(&redis)).unwrap();
+    wait_until(Duration::from_secs(10), "a snapshot to succeed", || {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query(&mut raw(&redis))
+            .unwrap();
+        info.contains("rdb_last_bgsave_status:ok")
+    });
+    converges(&redis, &producer);
+    wait_until(CONVERGE, "live without an error", || {
+        let status = redis.hgetall("edgecache:status");
+        status.get("state").map(String::as_str) == Some("live")
+            && !status.contains_key("redis_error")
+    });
+    assert_eq!(redis.status_counter("records"), producer.n_sent);
+    drop(agent);
+}
