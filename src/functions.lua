@@ -125,7 +125,7 @@ local function boot()
   end
 
   -- The shortest digits that read back as x (x finite, > 0), the closest to
-  -- x among them, as ryu finds them. printf's p-digit rounding is the
+  -- x among them, as serde_json finds them. printf's p-digit rounding is the
   -- closest p-digit decimal; when it falls just outside x's rounding
   -- interval, its neighbour on the other side of x may be inside.
   local function shortest(x, p)
@@ -164,21 +164,21 @@ local function boot()
       end
     end
     d = sgsub(d, '0+$', '')
-    -- ryu's layout (ryu::pretty::format64).
+    -- The layout of serde_json's float printer (zmij): plain notation for
+    -- decimal exponents -5..=15, else d.ddde+NN / d.ddde-NN.
     local n = #d
-    local kk = e + 1
-    local k = kk - n
     local s
-    if k >= 0 and kk <= 16 then
-      s = d .. srep('0', k) .. '.0'
-    elseif kk > 0 and kk <= 16 then
-      s = ssub(d, 1, kk) .. '.' .. ssub(d, kk + 1)
-    elseif kk > -5 and kk <= 0 then
-      s = '0.' .. srep('0', -kk) .. d
-    elseif n == 1 then
-      s = d .. 'e' .. sformat('%d', kk - 1)
+    if e >= -5 and e <= 15 then
+      if n - 1 <= e then
+        s = d .. srep('0', e - n + 1) .. '.0'
+      elseif e >= 0 then
+        s = ssub(d, 1, e + 1) .. '.' .. ssub(d, e + 2)
+      else
+        s = '0.' .. srep('0', -e - 1) .. d
+      end
     else
-      s = ssub(d, 1, 1) .. '.' .. ssub(d, 2) .. 'e' .. sformat('%d', kk - 1)
+      s = ssub(d, 1, 1) .. (n > 1 and ('.' .. ssub(d, 2)) or '') ..
+        (e >= 0 and 'e+' or 'e-') .. sformat('%d', e >= 0 and e or -e)
     end
     return neg and ('-' .. s) or s
   end

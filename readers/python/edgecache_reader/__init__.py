@@ -277,14 +277,15 @@ def parse_json(data):
 
 
 def _float_text(x):
-    """A float as serde_json prints it (ryu): shortest round-trip digits,
-    plain notation for exponents -5 < e <= 16, else d.ddde<exp>."""
+    """A float as serde_json prints it: the shortest digits that read back,
+    plain notation for decimal exponents -5..=15, else d.ddde+NN/e-NN."""
     if x != x or math.isinf(x):
         return "null"
     if x == 0:
         return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
     sign = "-" if x < 0 else ""
-    # repr gives the shortest digits that read back, closest to x: ryu's.
+    # repr gives the shortest digits that read back, closest to x, as
+    # serde_json does.
     mantissa, _, exp = repr(abs(x)).partition("e")
     whole, _, frac = mantissa.partition(".")
     digits = (whole + frac).lstrip("0")
@@ -292,17 +293,16 @@ def _float_text(x):
     stripped = digits.rstrip("0")
     k += len(digits) - len(stripped)
     d, n = stripped, len(stripped)
-    kk = n + k
-    if 0 <= k and kk <= 16:
-        s = d + "0" * k + ".0"
-    elif 0 < kk <= 16:
-        s = d[:kk] + "." + d[kk:]
-    elif -5 < kk <= 0:
-        s = "0." + "0" * -kk + d
-    elif n == 1:
-        s = "%se%d" % (d, kk - 1)
+    e = n + k - 1  # d[0].d[1:] x 10**e
+    if -5 <= e <= 15:
+        if n - 1 <= e:
+            s = d + "0" * (e - n + 1) + ".0"
+        elif e >= 0:
+            s = d[: e + 1] + "." + d[e + 1 :]
+        else:
+            s = "0." + "0" * (-e - 1) + d
     else:
-        s = "%s.%se%d" % (d[0], d[1:], kk - 1)
+        s = d[0] + ("." + d[1:] if n > 1 else "") + ("e+%d" % e if e >= 0 else "e-%d" % -e)
     return sign + s
 
 
