@@ -429,7 +429,7 @@ impl Sink {
                 let listed: redis::Value = redis::cmd("FUNCTION")
                     .arg("LIST")
                     .arg("LIBRARYNAME")
-                    .arg("edgecache_")
+                    .arg("edgecache_*")
                     .query_async(&mut c)
                     .await?;
                 let mut transaction = redis::pipe();

@@ -346,6 +346,28 @@ fn corpus(fields: &mut Fields) -> Vec<Case> {
         encode_store(StoreFormat::Postcard, &list, b"", None, fields, &mut out).unwrap();
         push(StoreFormat::Postcard, out.clone(), "floats".into());
     }
+    // Powers of two (the rounding interval is narrower below than above)
+    // and their neighbours, and subnormals: where shortest digits are
+    // hardest to get right.
+    let mut special: Vec<f64> = Vec::new();
+    for exponent in 0..2047u64 {
+        let bits = exponent << 52;
+        special.extend([bits, bits + 1, bits.wrapping_sub(1)].map(f64::from_bits));
+    }
+    special.extend(
+        samples(0u64..(1 << 52), 1000)
+            .into_iter()
+            .map(f64::from_bits),
+    );
+    for chunk in special.chunks(250) {
+        let list = Value::List(chunk.iter().map(|f| Value::Float(*f)).collect());
+        encode_store(StoreFormat::Postcard, &list, b"", None, fields, &mut out).unwrap();
+        push(
+            StoreFormat::Postcard,
+            out.clone(),
+            "powers of two, subnormals".into(),
+        );
+    }
     let decimals = samples(vec((any::<i64>(), 0u8..20), 200), 20);
     for pairs in decimals {
         let list = Value::List(
@@ -657,6 +679,13 @@ fn agent_installs_functions_that_match_get() {
             .push((topic, format!("{store}:"), "json", store));
     }
     let config = config.write(dir.path());
+    // A library of an older stored format holds the function names: the
+    // agent replaces it.
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("#!lua name=edgecache_f1\nredis.register_function('edgecache_get', function() return 'old' end)")
+        .query(&mut redis.conn())
+        .unwrap();
     let mut agent = Agent::start(&config);
     let stores = [StoreFormat::Postcard, StoreFormat::Json, StoreFormat::Raw];
     // Every key written (the convergence oracle compares numbers as
@@ -685,6 +714,8 @@ fn agent_installs_functions_that_match_get() {
         }
     };
     check_all(&redis);
+    let (libraries, _) = redis_cli(&redis, &["FUNCTION", "LIST"]);
+    assert!(!libraries.contains("edgecache_f1"), "{libraries}");
     // The documented errors, distinct from each other.
     let (got, _) = redis_cli(&redis, &["FCALL_RO", "edgecache_get", "1", "postcard:nope"]);
     assert_eq!(got, "EDGECACHE_NOT_FOUND key not found");
