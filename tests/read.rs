@@ -418,7 +418,12 @@ fn fcall_mget(conn: &mut redis::Connection, keys: &[&str]) -> Vec<Result<String,
 }
 
 /// The Python reader (`python3 -m edgecache_reader`) over many keys.
-fn python_reader(redis_url: &str, namespace: &str, keys: &[&str]) -> Vec<Result<String, String>> {
+fn python_reader(
+    redis_url: &str,
+    namespace: &str,
+    prefixes: &[&str],
+    keys: &[&str],
+) -> Vec<Result<String, String>> {
     let mut child = Command::new("python3")
         .args([
             "-m",
@@ -428,14 +433,7 @@ fn python_reader(redis_url: &str, namespace: &str, keys: &[&str]) -> Vec<Result<
             "--namespace",
             namespace,
         ])
-        .args([
-            "--prefix",
-            "p:=postcard",
-            "--prefix",
-            "j:=json",
-            "--prefix",
-            "r:=raw",
-        ])
+        .args(prefixes.iter().flat_map(|p| ["--prefix", p]))
         .env("PYTHONPATH", repo().join("readers/python"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -500,7 +498,12 @@ fn functions_python_and_get_agree_on_every_corpus_value() {
     }
     let keys: Vec<&str> = cases.iter().map(|c| c.key.as_str()).collect();
     let functions = fcall_mget(&mut conn, &keys);
-    let python = python_reader(&redis.url(), namespace, &keys);
+    let python = python_reader(
+        &redis.url(),
+        namespace,
+        &["p:=postcard", "j:=json", "r:=raw"],
+        &keys,
+    );
     let (mut n_ok, mut n_err) = (0, 0);
     for ((case, function), python) in cases.iter().zip(&functions).zip(&python) {
         let expected = get_output(case.store, &case.bytes, &fields);
@@ -714,6 +717,25 @@ fn agent_installs_functions_that_match_get() {
         }
     };
     check_all(&redis);
+    // The Python reader, against the same live agent.
+    let keys: Vec<String> = stores
+        .iter()
+        .flat_map(|store| (0..values.len()).map(move |i| format!("{store}:k{i}")))
+        .collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let python = python_reader(
+        &redis.url(),
+        "edgecache",
+        &["postcard:=postcard", "json:=json", "raw:=raw"],
+        &keys,
+    );
+    for (key, got) in keys.iter().zip(python) {
+        assert_eq!(
+            got,
+            Ok(cli_get(&config, key, false).1),
+            "python reader, {key}"
+        );
+    }
     let (libraries, _) = redis_cli(&redis, &["FUNCTION", "LIST"]);
     assert!(!libraries.contains("edgecache_f1"), "{libraries}");
     // The documented errors, distinct from each other.
