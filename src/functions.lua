@@ -44,7 +44,23 @@ local function boot()
   -- A JSON string literal, escaped as serde_json escapes (DEL and non-ASCII
   -- stay as they are).
   local function quote(s)
+    if not sfind(s, '[%z\1-\31"\\]') then return '"' .. s .. '"' end
     return '"' .. (sgsub(s, '[%z\1-\31"\\]', ESCAPE)) .. '"'
+  end
+
+  -- Object keys as `"name":`, remembered: every record repeats them. The
+  -- memo is emptied when it reaches MEMO_MAX entries, bounding its memory.
+  local MEMO_MAX = 4096
+  local key_memo, n_key_memo = {}, 0
+  local function key_text(name)
+    local text = key_memo[name]
+    if not text then
+      if n_key_memo >= MEMO_MAX then key_memo, n_key_memo = {}, 0 end
+      text = quote(name) .. ':'
+      key_memo[name] = text
+      n_key_memo = n_key_memo + 1
+    end
+    return text
   end
 
   local HEX = {}
@@ -143,29 +159,10 @@ local function boot()
 
   local MIN_NORMAL = 2.2250738585072014e-308
 
-  local function float_text(x)
-    if x ~= x or x == huge or x == -huge then return 'null' end
-    if x == 0 then return (1 / x < 0) and '-0.0' or '0.0' end
-    local neg = x < 0
-    if neg then x = -x end
-    local d, e
-    if x >= MIN_NORMAL then
-      -- A normal double's rounding interval is narrower than the spacing of
-      -- 15-digit decimals, so it holds at most one of them: if it holds
-      -- one, that one without its trailing zeros is the shortest.
-      d, e = shortest(x, 15)
-      if not d then d, e = shortest(x, 16) end
-      if not d then d, e = shortest(x, 17) end
-    else
-      -- Subnormals have wide intervals: try every length.
-      for p = 1, 17 do
-        d, e = shortest(x, p)
-        if d then break end
-      end
-    end
-    d = sgsub(d, '0+$', '')
-    -- The layout of serde_json's float printer (zmij): plain notation for
-    -- decimal exponents -5..=15, else d.ddde+NN / d.ddde-NN.
+  -- Digits d (no trailing zeros) and exponent e of d[1].d[2..] x 10^e in
+  -- the layout of serde_json's float printer (zmij): plain notation for
+  -- decimal exponents -5..=15, else d.ddde+N / d.ddde-N.
+  local function layout(neg, d, e)
     local n = #d
     local s
     if e >= -5 and e <= 15 then
@@ -183,6 +180,58 @@ local function boot()
     return neg and ('-' .. s) or s
   end
 
+  local float_memo, n_float_memo = {}, 0
+
+  local function float_text_uncached(x)
+    local neg = x < 0
+    if neg then x = -x end
+    local d, e
+    if x >= MIN_NORMAL then
+      -- A normal double's rounding interval is narrower than the spacing of
+      -- 15-digit decimals, so it holds at most one of them: if it holds
+      -- one, that one without its trailing zeros is the shortest.
+      d, e = shortest(x, 15)
+      if not d then d, e = shortest(x, 16) end
+      if not d then d, e = shortest(x, 17) end
+    else
+      -- Subnormals have wide intervals: try every length.
+      for p = 1, 17 do
+        d, e = shortest(x, p)
+        if d then break end
+      end
+    end
+    return layout(neg, (sgsub(d, '0+$', '')), e)
+  end
+
+  -- Device states repeat their numbers: each double's text is remembered
+  -- (zeros and NaN are not table keys that work; they are cheap anyway).
+  local function float_text(x)
+    if x ~= x or x == huge or x == -huge then return 'null' end
+    if x == 0 then return (1 / x < 0) and '-0.0' or '0.0' end
+    local text = float_memo[x]
+    if not text then
+      if n_float_memo >= MEMO_MAX then float_memo, n_float_memo = {}, 0 end
+      text = float_text_uncached(x)
+      float_memo[x] = text
+      n_float_memo = n_float_memo + 1
+    end
+    return text
+  end
+
+  -- The text of the double nearest to the decimal digits x 10^scale10
+  -- (digits without sign, leading zeros allowed), when that decimal has at
+  -- most 15 significant digits and the double x is normal: the decimal
+  -- reads back as x, and (as above) no other decimal of 15 digits or fewer
+  -- does, so its digits are x's shortest. Saves printf and strtod on
+  -- Decimals and on JSON's short numbers. nil when it does not apply.
+  local function short_decimal_text(neg, digits, scale10, x)
+    if x ~= x or x < MIN_NORMAL or x == huge then return nil end
+    local lead = sfind(digits, '[1-9]')
+    if not lead then return nil end
+    local last = sfind(digits, '0*$') - 1
+    if last - lead + 1 > 15 then return nil end
+    return layout(neg, ssub(digits, lead, last), #digits - lead + scale10)
+  end
   -- ------------------------------------------------------- postcard values
 
   -- The value being decoded: bytes, next position, store name for errors,
@@ -246,6 +295,11 @@ local function boot()
   -- holds at most last_max (postcard: u64 10 and 1, u32 5 and 15), as a
   -- double (exact below 2^53, which is all lengths and tags can be).
   local function varint(max_bytes, last_max)
+    local b = sbyte(S, P)
+    if b and b < 128 then
+      P = P + 1
+      return b
+    end
     local n, mul = 0, 1
     for i = 1, max_bytes do
       local b = byte()
@@ -265,8 +319,12 @@ local function boot()
   local function i64_text()
     local from = P
     local u = u64()
-    if P - from <= 7 then
-      -- At most 49 bits: exact as a double.
+    if P - from <= 6 then
+      -- At most 42 bits: exact as a double, and printed in full by
+      -- tostring (%.14g).
+      if u % 2 == 0 then return tostring(u / 2) end
+      return tostring(-(u + 1) / 2)
+    elseif P - from == 7 then
       if u % 2 == 0 then return sformat('%.0f', u / 2) end
       return sformat('%.0f', -(u + 1) / 2)
     end
@@ -333,9 +391,9 @@ local function boot()
       local key = keys[i]
       local j = at[key]
       if j then
-        order[j] = quote(key) .. ':' .. values[i]
+        order[j] = key_text(key) .. values[i]
       else
-        order[#order + 1] = quote(key) .. ':' .. values[i]
+        order[#order + 1] = key_text(key) .. values[i]
         at[key] = #order
       end
     end
@@ -373,10 +431,23 @@ local function boot()
       end
       return object(keys, values, n)
     elseif t == 8 then
-      local mantissa = tonumber(i64_text()) -- correctly rounded, like `as f64`
+      local text = i64_text()
+      local mantissa = tonumber(text) -- correctly rounded, like `as f64`
       local scale = byte()
       if scale > 15 then scale = 15 end
-      return float_text(mantissa / POW10[scale])
+      local x = mantissa / POW10[scale]
+      local neg = sbyte(text, 1) == 45
+      local digits = neg and ssub(text, 2) or text
+      -- Below 10^15 the mantissa and the division are exact / correctly
+      -- rounded, so x is the double nearest to the decimal.
+      local text = x ~= 0 and float_memo[x]
+      if text then return text end
+      text = #digits <= 15 and short_decimal_text(neg, digits, -scale, neg and -x or x)
+      if not text then return float_text(x) end
+      if n_float_memo >= MEMO_MAX then float_memo, n_float_memo = {}, 0 end
+      float_memo[x] = text
+      n_float_memo = n_float_memo + 1
+      return text
     end
     corrupt(sformat('unknown tag %.0f', t))
   end
@@ -512,6 +583,13 @@ local function boot()
     end
     local x = tonumber(text)
     if x == huge or x == -huge then jfail() end -- serde_json: out of range
+    if #text <= 24 then
+      -- strtod rounds correctly: x is the double nearest to the decimal.
+      local frac = smatch(text, '^-?%d+%.(%d+)') or ''
+      local exp = smatch(text, '[eE]([-+]?%d+)$')
+      local short = short_decimal_text(neg, int .. frac, (exp and tonumber(exp) or 0) - #frac, neg and -x or x)
+      if short then return short end
+    end
     return float_text(x)
   end
 
@@ -599,6 +677,26 @@ local function boot()
 
   -- The store format, JSON text and timestamp text (or nil) of a key; raises
   -- the documented errors.
+  local function render(store, bytes)
+    if store == 'postcard' then return postcard(bytes) end
+    local json = json_document(bytes)
+    if json then return json end
+    if store == 'json' then
+      raise('EDGECACHE_CORRUPT', 'the value is not valid json data')
+    end
+    -- Raw values that are not JSON print as a string (text) or hex (binary).
+    if utf8_valid(bytes) then return quote(bytes) end
+    return '"' .. hex(bytes) .. '"'
+  end
+
+  -- Apps read a value many times between updates: the JSON text of recent
+  -- values (up to VALUE_MEMO_BYTES each, VALUE_MEMO_MAX in all, so at most
+  -- about 2 MB of Lua memory) is kept by store and stored bytes. A postcard
+  -- text depends on the field table too, which is stable under one marker:
+  -- a new marker empties that memo.
+  local VALUE_MEMO_MAX, VALUE_MEMO_BYTES = 2048, 512
+  local value_memo, n_value_memo, memo_marker = {}, 0, false
+
   local function read(key)
     local store = store_of(key)
     if not store then
@@ -606,18 +704,30 @@ local function boot()
     end
     local bytes = redis.call('GET', key)
     if not bytes then raise('EDGECACHE_NOT_FOUND', 'key not found') end
+    if #bytes > VALUE_MEMO_BYTES then return store, render(store, bytes) end
     if store == 'postcard' then
-      local json, ts = postcard(bytes)
-      return store, json, ts
+      local marker = redis.call('GET', MARKER_KEY)
+      -- No marker, no agent keeping the table stable: no memo.
+      if not marker then return store, render(store, bytes) end
+      if marker ~= memo_marker then
+        value_memo, n_value_memo, memo_marker = {}, 0, marker
+      end
     end
-    local json = json_document(bytes)
-    if json then return store, json end
-    if store == 'json' then
-      raise('EDGECACHE_CORRUPT', 'the value is not valid json data')
+    local memo = value_memo[store]
+    if not memo then
+      memo = {}
+      value_memo[store] = memo
     end
-    -- Raw values that are not JSON print as a string (text) or hex (binary).
-    if utf8_valid(bytes) then return store, quote(bytes) end
-    return store, '"' .. hex(bytes) .. '"'
+    local hit = memo[bytes]
+    if hit then return store, hit[1], hit[2] end
+    local json, ts = render(store, bytes)
+    if n_value_memo >= VALUE_MEMO_MAX then
+      value_memo, n_value_memo = {[store] = {}}, 0
+      memo = value_memo[store]
+    end
+    memo[bytes] = {json, ts}
+    n_value_memo = n_value_memo + 1
+    return store, json, ts
   end
 
   local function one_key(keys, name)
