@@ -127,6 +127,10 @@ fn usec_per_call(conn: &mut redis::Connection, command: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// A table row: its label, the commandstats name, and the command for a
+/// random number.
+type Row = (&'static str, &'static str, fn(usize) -> redis::Cmd);
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[at].as_secs_f64() * 1e6
@@ -238,7 +242,7 @@ fn main() {
         json_bytes / KEYS,
         hash_bytes / KEYS
     );
-    let rows: [(&str, &str, fn(usize) -> redis::Cmd); 7] = [
+    let rows: [Row; 7] = [
         ("GET, json store", "get", |i| {
             let mut c = redis::cmd("GET");
             c.arg(format!("j:{}", i % KEYS));
