@@ -139,13 +139,17 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
     }
     let source = Source::new(&settings.kafka_properties, topic_names.clone())?;
-    let sink = Sink::new(
+    let mut sink = Sink::new(
         &settings.redis_url,
         settings.redis_password.as_ref().map(|p| p.0.as_str()),
         &settings.namespace,
         topic_names,
         settings.config.redis.publish_channel.clone(),
     )?;
+    sink.set_read_functions(crate::functions::library(
+        &settings.namespace,
+        &settings.topics,
+    ));
     let mut pipeline = Pipeline {
         settings,
         sink,
