@@ -507,15 +507,18 @@ fn free_port() -> u16 {
 
 /// One subscriber thread per Redis stamps when each mirrored key arrives
 /// (the agent publishes `set <key>` in the same step as the write).
+/// Key -> (gateway, arrival) for every probe key seen.
+type Seen = Arc<Mutex<HashMap<String, Vec<(usize, Instant)>>>>;
+
 struct Arrivals {
-    seen: Arc<Mutex<HashMap<String, Vec<(usize, Instant)>>>>,
+    seen: Seen,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Arrivals {
     fn start(redises: &[Redis]) -> Arrivals {
-        let seen: Arc<Mutex<HashMap<String, Vec<(usize, Instant)>>>> = Arc::default();
+        let seen: Seen = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let threads = redises
             .iter()
