@@ -1016,9 +1016,8 @@ impl Sink {
     /// The topic IDs the stored offsets were taken from (topic → ID).
     pub async fn topic_ids(&mut self) -> Result<Vec<(String, String)>, SinkError> {
         let key = self.keys.topic_ids.clone();
-        Ok(self
-            .call(|mut c| async move { redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
-            .await?)
+        self.call(|mut c| async move { redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
+            .await
     }
 
     /// Records the topic ID the offsets of `topic` are taken from.
