@@ -239,7 +239,9 @@ return {ARGV[1], 1}
 /// counters, the ones that move with the offsets. Run at every (re)connect:
 /// a torn append-only file can replay part of a transaction, and only the
 /// per-partition counters are kept exact through that. Offsets written by
-/// an agent without per-partition counters keep their totals as one entry.
+/// an agent without per-partition counters keep their totals as one entry;
+/// without any offsets (a foreign app deleted them) every total is 0, since
+/// everything is read and counted again.
 const RECONCILE_SCRIPT: &str = r#"
 -- KEYS[1] marker, KEYS[2] offsets hash, KEYS[3] status hash; ARGV[1] token
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -263,7 +265,9 @@ for i = 1, #all, 2 do
     end
   end
 end
-if not found then
+-- Offsets without per-partition counters were written by an older agent:
+-- keep its totals. No offsets at all: nothing is counted as applied.
+if not found and #all > 0 then
   local held = redis.call('HMGET', KEYS[3], unpack(names))
   local any = false
   for i = 1, 5 do
