@@ -22,14 +22,6 @@ fn admin() -> AdminClient<DefaultClientContext> {
         .expect("admin client")
 }
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
 /// Deletes the topic with the broker's DeleteTopics, then creates it again
 /// with CreateTopics (retried while the broker still finishes the delete).
 fn recreate_topic(topic: &str, partitions: i32) {
@@ -57,6 +49,25 @@ fn status_json(config: &std::path::Path) -> serde_json::Value {
     let (code, out, err) = run_cli(&["status", "--config", config.to_str().unwrap(), "--json"]);
     assert!(code == 0 || code == 3, "status exited {code}: {err}");
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status output {out:?}: {e}"))
+}
+
+/// Waits until `edgecache status --json` reports `redis-unreachable` with
+/// this Redis error code; returns what it said.
+fn wait_for_redis_error(
+    config: &std::path::Path,
+    code: &str,
+    within: Duration,
+) -> serde_json::Value {
+    let mut seen = serde_json::Value::Null;
+    wait_until(
+        within,
+        &format!("edgecache status to report {code}"),
+        || {
+            seen = status_json(config);
+            seen["state"] == "redis-unreachable" && seen["redis_error"] == code
+        },
+    );
+    seen
 }
 
 /// Old-lineage records on keys k0..k99, mirrored; then the topic is deleted
@@ -226,15 +237,7 @@ fn redis_refusing_writes_shows_in_status_and_heals() {
     }
     s.producer.flush();
     let started = Instant::now();
-    let mut seen = serde_json::Value::Null;
-    wait_until(
-        Duration::from_secs(30),
-        "edgecache status to report the OOM",
-        || {
-            seen = status_json(&config);
-            seen["state"] == "redis-unreachable" && seen["redis_error"] == "OOM"
-        },
-    );
+    let seen = wait_for_redis_error(&config, "OOM", Duration::from_secs(30));
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "took {:?}: {seen}",
@@ -510,15 +513,7 @@ fn misconf_shows_in_status_and_heals() {
         producer.put(&format!("k{i}"), Some("{\"v\":1}"));
     }
     producer.flush();
-    let mut seen = serde_json::Value::Null;
-    wait_until(
-        Duration::from_secs(15),
-        "edgecache status to report MISCONF",
-        || {
-            seen = status_json(&config);
-            seen["state"] == "redis-unreachable" && seen["redis_error"] == "MISCONF"
-        },
-    );
+    wait_for_redis_error(&config, "MISCONF", Duration::from_secs(15));
     // Snapshots work again: writes are taken, the batch goes in.
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
