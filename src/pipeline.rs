@@ -205,6 +205,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         stuck_log_end: BTreeMap::new(),
         stuck_task: None,
         last_stuck_at: None,
+        last_refused_at: None,
         last_log_end: Instant::now()
             .checked_sub(TICK * 10)
             .unwrap_or_else(Instant::now),
@@ -371,6 +372,9 @@ struct Pipeline<'s> {
     stuck_log_end: BTreeMap<PartitionId, i64>,
     stuck_task: Option<LogEndTask>,
     last_stuck_at: Option<Instant>,
+    /// When librdkafka last refused an oversized response: the dropped
+    /// connection that follows is that, not a broker outage.
+    last_refused_at: Option<Instant>,
     last_log_end: Instant,
     /// `stuck.<topic>/<p>` fields as last written to the status hash.
     reported_stuck: BTreeMap<PartitionId, i64>,
@@ -1224,6 +1228,12 @@ impl Pipeline<'_> {
             source.mark_reachable();
         }
         self.discover_new(source);
+        let refusal_explains_it = self
+            .last_refused_at
+            .is_some_and(|at| at.elapsed() < PROBE_FOR);
+        if source.brokers_down() && refusal_explains_it {
+            source.mark_reachable();
+        }
         if source.brokers_down() && self.state != State::RedisUnreachable {
             if self.state != State::KafkaUnreachable {
                 warn!("Kafka unreachable: Redis keeps serving the last state; reconnecting");
@@ -1399,6 +1409,9 @@ impl Pipeline<'_> {
     /// keep flowing; asks the broker for the stuck ones' log ends.
     fn isolate_oversize(&mut self, source: &Source) {
         let seen = source.oversize_responses();
+        if seen > self.oversize_seen {
+            self.last_refused_at = Some(Instant::now());
+        }
         // A fetch sent before a partition was paused may still be refused:
         // errors right after a partition was found are not news.
         let refused = seen > self.oversize_seen

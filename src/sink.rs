@@ -231,7 +231,7 @@ if current then
   return {current, 0}
 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 return {ARGV[1], 1}
 "#;
 
@@ -481,9 +481,6 @@ pub struct MetaKeys {
     pub seen: String,
     /// The field table of stored format 2 (a hash, number → name).
     pub fields: String,
-    /// Kafka's topic ID (KIP-516) of each topic the offsets were taken
-    /// from (a hash, topic → ID).
-    pub topic_ids: String,
 }
 
 impl MetaKeys {
@@ -494,7 +491,6 @@ impl MetaKeys {
             status: format!("{namespace}:status"),
             seen: format!("{namespace}:seen"),
             fields: format!("{namespace}:fields"),
-            topic_ids: format!("{namespace}:topic_ids"),
         }
     }
 }
@@ -607,7 +603,6 @@ impl Sink {
                     .key(&keys.offsets)
                     .key(&keys.status)
                     .key(&keys.seen)
-                    .key(&keys.topic_ids)
                     .arg(&candidate)
                     .invoke_async(&mut c)
                     .await
@@ -1017,17 +1012,22 @@ impl Sink {
             .await;
     }
 
-    /// The topic IDs the stored offsets were taken from (topic → ID).
+    /// The topic IDs the stored offsets were taken from (topic → ID), kept
+    /// in the status hash as `topic_id.<topic>`: it goes with the offsets
+    /// when Redis loses the agent's state, and readers may see it.
     pub async fn topic_ids(&mut self) -> Result<Vec<(String, String)>, SinkError> {
-        let key = self.keys.topic_ids.clone();
-        self.call(|mut c| async move { redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
-            .await
+        Ok(self
+            .status()
+            .await?
+            .into_iter()
+            .filter_map(|(field, id)| Some((field.strip_prefix(TOPIC_ID_FIELD)?.to_owned(), id)))
+            .collect())
     }
 
     /// Records the topic ID the offsets of `topic` are taken from.
     pub async fn set_topic_id(&mut self, topic: &str, id: &str) -> Result<(), SinkError> {
-        let key = self.keys.topic_ids.clone();
-        let (topic, id) = (topic.to_owned(), id.to_owned());
+        let key = self.keys.status.clone();
+        let (topic, id) = (format!("{TOPIC_ID_FIELD}{topic}"), id.to_owned());
         self.call(|mut c| async move {
             redis::cmd("HSET")
                 .arg(&key)
@@ -1153,7 +1153,7 @@ impl Sink {
         add(&[b"GET", k.marker.as_bytes()]);
         add(&[b"SET", k.marker.as_bytes(), b"x"]);
         add(&[b"DEL", k.marker.as_bytes()]);
-        for hash in [&k.offsets, &k.status, &k.fields, &k.topic_ids] {
+        for hash in [&k.offsets, &k.status, &k.fields] {
             add(&[b"HGETALL", hash.as_bytes()]);
             add(&[b"HGET", hash.as_bytes(), b"f"]);
             add(&[b"HMGET", hash.as_bytes(), b"f"]);
@@ -1224,6 +1224,9 @@ impl ServerSettings {
 /// the agent keeps its state for `edgecache status`, since Redis may refuse
 /// to take the status hash (OOM, MISCONF, READONLY).
 pub const RUNTIME_STATUS_FILE: &str = "status.json";
+
+/// Prefix of the status hash fields holding topic IDs.
+const TOPIC_ID_FIELD: &str = "topic_id.";
 
 /// Keys per SCAN page (and per sweep script) at the end of a resync.
 const SWEEP_PAGE: usize = 500;

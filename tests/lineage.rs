@@ -555,7 +555,10 @@ fn topic_recreated_with_more_records_is_told_by_its_id() {
     let config = AgentConfig::new(s.redis.url(), &s.topic, "device:").write(s.dir.path());
     let mut agent = Agent::start(&config);
     converges(&s.redis, &s.producer);
-    assert_eq!(s.redis.hgetall("edgecache:topic_ids").len(), 1);
+    assert!(s
+        .redis
+        .hgetall("edgecache:status")
+        .contains_key(&format!("topic_id.{}", s.topic)));
     agent.sigterm();
 
     recreate_topic(&s.topic, 1);
