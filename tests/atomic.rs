@@ -679,9 +679,9 @@ fn agent_and_reader_under_the_shipped_acl() {
 
 /// (b) A permission the agent needs is missing at start: `edgecache run`
 /// exits 78 with an error naming the command and the key pattern or channel,
-/// and writes nothing (no data key, no offsets).
-#[test]
-fn missing_permission_stops_the_agent_at_start() {
+/// and writes nothing (no data key, no offsets). Each case: (what, ACL
+/// rules changed from the shipped ones, words the error must name).
+fn missing_permission(cases: &[(&str, &[&str], &[&str])]) {
     let topic = unique("acl-missing");
     create_topic(&topic, 2);
     let mut producer = TestProducer::new(&topic);
@@ -689,12 +689,6 @@ fn missing_permission_stops_the_agent_at_start() {
     let mut log = Log::default();
     produce(&mut producer, &mut rng, &mut log, 200, 50);
     producer.flush();
-    let cases: &[(&str, &[&str], &[&str])] = &[
-        ("no channel", &["resetchannels"], &["publish", CHANNEL]),
-        ("no MSET", &["-mset"], &["mset"]),
-        ("no EVALSHA", &["-evalsha"], &["evalsha"]),
-        ("no data keys", &["resetkeys", "~edgecache:*"], &["device:"]),
-    ];
     for (case, changes, named) in cases {
         let redis = Redis::start(false);
         install_users(&redis, changes);
@@ -725,6 +719,27 @@ fn missing_permission_stops_the_agent_at_start() {
             "{case}: offsets written before the permission check"
         );
     }
+}
+
+#[test]
+fn missing_permission_stops_the_agent_at_start() {
+    missing_permission(&[
+        ("no channel", &["resetchannels"], &["publish", CHANNEL]),
+        ("no MSET", &["-mset"], &["mset"]),
+        ("no EVALSHA", &["-evalsha"], &["evalsha"]),
+        ("no data keys", &["resetkeys", "~edgecache:*"], &["device:"]),
+    ]);
+}
+
+/// The commands only some paths use: HDEL (clearing status fields) and
+/// HINCRBY (the resync sweep's `swept` counter, after its DELs, so a denied
+/// one would leave a page's deletes uncounted).
+#[test]
+fn missing_hdel_or_hincrby_stops_the_agent_at_start() {
+    missing_permission(&[
+        ("no HDEL", &["-hdel"], &["hdel"]),
+        ("no HINCRBY", &["-hincrby"], &["hincrby"]),
+    ]);
 }
 
 /// (c) Issue 13's case: PUBLISH on the notification channel denied at run
