@@ -79,7 +79,9 @@ impl Default for AgentConfig {
         AgentConfig {
             memory_budget_mib: 24,
             max_batch_records: 96,
-            partition_discovery_secs: 30,
+            // A metadata request per topic each time: every 5 min, like
+            // librdkafka's own refresh, keeps an idle fleet's broker cost low.
+            partition_discovery_secs: 300,
             ready_timeout_secs: 60,
             catch_up_nice: 10,
         }
@@ -173,6 +175,10 @@ fn default_input() -> InputFormat {
 fn default_store() -> StoreFormat {
     StoreFormat::Postcard
 }
+
+/// Default `fetch.wait.max.ms`: the longest an idle fetch is held by the
+/// broker (see where it is set).
+pub const FETCH_WAIT_MAX_MS: u32 = 5000;
 
 /// librdkafka properties the agent sets itself; users may not override them.
 pub const DERIVED_KAFKA_PROPERTIES: &[&str] = &[
@@ -613,6 +619,16 @@ impl Settings {
         kafka_properties
             .entry("client.id".into())
             .or_insert_with(|| "edgecache".into());
+        // An idle consumer's cost to the broker is its empty fetches: one per
+        // fetch.wait.max.ms (librdkafka's 500 ms: two a second per gateway).
+        // New records still end the wait at once, so live latency does not
+        // change (FLEET.md: 10x less broker CPU per idle gateway). It also
+        // bounds how stale last_kafka_contact_ms gets while idle, and how
+        // long a metadata request may queue behind a fetch (well under the
+        // 10 s request timeout). Overridable in kafka.properties.
+        kafka_properties
+            .entry("fetch.wait.max.ms".into())
+            .or_insert_with(|| FETCH_WAIT_MAX_MS.to_string());
 
         Ok(Settings {
             redis_url: url,
@@ -739,6 +755,21 @@ key_prefix = "device:"
         assert_eq!(Limits::from_budget(4, 128).max_value_bytes, 1 << 20);
         assert_eq!(Limits::from_budget(256, 128).max_value_bytes, 8 << 20);
         assert_eq!(Limits::from_budget(4096, 128).max_value_bytes, 16 << 20);
+    }
+
+    #[test]
+    fn fetch_wait_defaults_long_and_is_overridable() {
+        let settings = parse(MINIMAL).unwrap();
+        assert_eq!(settings.kafka_properties["fetch.wait.max.ms"], "5000");
+        assert_eq!(settings.config.agent.partition_discovery_secs, 300);
+        let text = MINIMAL.replace(
+            "[redis]",
+            "[kafka.properties]\n\"fetch.wait.max.ms\" = \"500\"\n[redis]",
+        );
+        assert_eq!(
+            parse(&text).unwrap().kafka_properties["fetch.wait.max.ms"],
+            "500"
+        );
     }
 
     #[test]

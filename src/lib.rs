@@ -8,6 +8,7 @@
 //! - [`sink`]: Redis (the only module importing `redis`): the atomic apply
 //!   script, the marker, offsets and status keys.
 //! - [`codec`]: input decoding and the stored formats (FORMAT.md).
+//! - [`functions`]: the Redis Functions library that reads any key as JSON.
 //! - [`batch`]: the bounded coalescing batch (latest per key wins).
 //! - [`checkpoint`]: where each partition resumes.
 //! - [`resync`]: missed deletes, and the resync that removes their keys.
@@ -35,6 +36,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod functions;
 #[cfg(feature = "agent")]
 pub mod metrics;
 pub mod notify;

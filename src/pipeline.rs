@@ -139,13 +139,17 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
     }
     let source = Source::new(&settings.kafka_properties, topic_names.clone())?;
-    let sink = Sink::new(
+    let mut sink = Sink::new(
         &settings.redis_url,
         settings.redis_password.as_ref().map(|p| p.0.as_str()),
         &settings.namespace,
         topic_names,
         settings.config.redis.publish_channel.clone(),
     )?;
+    sink.set_read_functions(crate::functions::library(
+        &settings.namespace,
+        &settings.topics,
+    ));
     let mut pipeline = Pipeline {
         settings,
         sink,
@@ -191,6 +195,10 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         redis_problem: None,
         retrying: false,
         lineage_due: BTreeSet::new(),
+        stored_ids: BTreeMap::new(),
+        new_ids: BTreeMap::new(),
+        ids_task: None,
+        ids_asked: None,
         oversize_seen: 0,
         isolating: None,
         stuck: BTreeMap::new(),
@@ -345,6 +353,12 @@ struct Pipeline<'s> {
     redis_problem: Option<(String, String, i64)>,
     /// True while a batch Redis refused waits in `apply_retrying`.
     retrying: bool,
+    /// Topic IDs the stored offsets were taken from (`<ns>:topic_ids`).
+    stored_ids: BTreeMap<String, String>,
+    /// IDs of recreated topics, written once their resync is noted.
+    new_ids: BTreeMap<usize, String>,
+    ids_task: Option<TopicIdsTask>,
+    ids_asked: Option<Instant>,
     /// Fetch responses over `receive.message.max.bytes` seen so far.
     oversize_seen: u64,
     /// The search for the partition whose record batch is too large.
@@ -387,6 +401,7 @@ struct Reported {
     committed: BTreeMap<PartitionId, i64>,
 }
 
+type TopicIdsTask = tokio::task::JoinHandle<Result<Vec<Option<String>>, SourceError>>;
 type LogEndTask = tokio::task::JoinHandle<Result<Vec<(PartitionId, i64)>, SourceError>>;
 
 /// The search for the partition whose next record batch librdkafka refuses
@@ -437,6 +452,24 @@ impl Pipeline<'_> {
         // A lineage resync a stop interrupted: finish it.
         self.lineage_due
             .extend(self.stored.lineage_pending.iter().copied());
+        // Before the first record is taken: is each topic still the one the
+        // stored offsets were taken from?
+        self.ids_asked = Some(Instant::now());
+        let mut stop = self.stop.clone();
+        let ids = await_alive(
+            source.topic_ids_task(),
+            &mut self.notify,
+            self.ready_by,
+            self.state,
+            &mut stop,
+        )
+        .await;
+        match ids {
+            None => return,
+            Some(Ok(Ok(ids))) => self.compare_topic_ids(ids).await,
+            Some(Ok(Err(e))) => warn!("reading topic IDs: {e}; will retry"),
+            Some(Err(e)) => warn!("reading topic IDs: {e}; will retry"),
+        }
 
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -560,6 +593,16 @@ impl Pipeline<'_> {
                     self.fields = outcome.fields;
                     self.caught_up_ms = outcome.caught_up_ms;
                     self.caught_up_written = None;
+                    self.stored_ids = match self.sink.topic_ids().await {
+                        Ok(ids) => ids.into_iter().collect(),
+                        Err(e) => {
+                            warn!("{e}; retrying");
+                            if self.pause(backoff.next_delay()).await == Flow::Stop {
+                                return Flow::Stop;
+                            }
+                            continue;
+                        }
+                    };
                     self.redis_fine().await;
                     self.write_state().await;
                     return Flow::Continue;
@@ -1174,6 +1217,7 @@ impl Pipeline<'_> {
             }
         }
         self.isolate_oversize(source);
+        self.poll_topic_ids(source).await;
         // Statistics have shown a broker connection up for a while since
         // librdkafka last said all were down.
         if source.brokers_down() && source.settled() {
@@ -1464,6 +1508,56 @@ impl Pipeline<'_> {
         }
     }
 
+    /// Reads the topics' IDs again every `partition_discovery_secs`, in the
+    /// background.
+    async fn poll_topic_ids(&mut self, source: &Source) {
+        match self.ids_task.take() {
+            None => {
+                let every =
+                    Duration::from_secs(self.settings.config.agent.partition_discovery_secs);
+                if self.ids_asked.is_none_or(|at| at.elapsed() >= every) {
+                    self.ids_asked = Some(Instant::now());
+                    self.ids_task = Some(source.topic_ids_task());
+                }
+            }
+            Some(task) if !task.is_finished() => self.ids_task = Some(task),
+            Some(task) => match task.now_or_never() {
+                Some(Ok(Ok(ids))) => self.compare_topic_ids(ids).await,
+                Some(Ok(Err(e))) => debug!("reading topic IDs: {e}; will retry"),
+                _ => {}
+            },
+        }
+    }
+
+    /// Kafka's side of lineage by topic ID (KIP-516): a topic whose ID is
+    /// not the one its stored offsets were taken from was deleted and
+    /// created again, whatever its offsets look like. A topic seen for the
+    /// first time has its ID recorded.
+    async fn compare_topic_ids(&mut self, ids: Vec<Option<String>>) {
+        for (idx, id) in ids.into_iter().enumerate() {
+            let Some(id) = id else { continue };
+            let name = self.settings.topics[idx].name.clone();
+            match self.stored_ids.get(&name) {
+                Some(stored) if *stored == id => {}
+                Some(stored) => {
+                    warn!(
+                        topic = %name,
+                        stored = %stored,
+                        now = %id,
+                        "the topic's ID changed: it was deleted and created again"
+                    );
+                    self.lineage_due.insert(idx);
+                    self.new_ids.insert(idx, id);
+                }
+                None => {
+                    if self.sink.set_topic_id(&name, &id).await.is_ok() {
+                        self.stored_ids.insert(name, id);
+                    }
+                }
+            }
+        }
+    }
+
     /// Kafka's side of lineage: a partition whose log ends below the offset
     /// Redis holds for it is not the log those offsets were taken from (the
     /// topic was deleted and recreated, or truncated), so its topic is
@@ -1630,6 +1724,17 @@ impl Pipeline<'_> {
                 warn!("{e}; will try the resync again");
                 self.lineage_due.extend(lineage);
                 return Flow::Continue;
+            }
+            // Only now: a stop from here on finds the resync pending.
+            for &topic in &lineage {
+                if let Some(id) = self.new_ids.remove(&topic) {
+                    let name = self.settings.topics[topic].name.clone();
+                    if self.sink.set_topic_id(&name, &id).await.is_ok() {
+                        self.stored_ids.insert(name, id);
+                    } else {
+                        self.new_ids.insert(topic, id);
+                    }
+                }
             }
         }
         let prefixes = self.prefixes(&all);

@@ -231,7 +231,7 @@ if current then
   return {current, 0}
 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return {ARGV[1], 1}
 "#;
 
@@ -477,6 +477,9 @@ pub struct MetaKeys {
     pub seen: String,
     /// The field table of stored format 2 (a hash, number → name).
     pub fields: String,
+    /// Kafka's topic ID (KIP-516) of each topic the offsets were taken
+    /// from (a hash, topic → ID).
+    pub topic_ids: String,
 }
 
 impl MetaKeys {
@@ -487,6 +490,7 @@ impl MetaKeys {
             status: format!("{namespace}:status"),
             seen: format!("{namespace}:seen"),
             fields: format!("{namespace}:fields"),
+            topic_ids: format!("{namespace}:topic_ids"),
         }
     }
 }
@@ -510,6 +514,8 @@ pub struct Sink {
     /// Key prefixes of the topics being resynced: their writes also update
     /// the seen set.
     tracked: Vec<Vec<u8>>,
+    /// The read functions' library (crate::functions), loaded by `init`.
+    read_functions: Option<String>,
 }
 
 impl Sink {
@@ -544,6 +550,7 @@ impl Sink {
             topic_names,
             publish_channel,
             tracked: Vec::new(),
+            read_functions: None,
         })
     }
 
@@ -596,12 +603,14 @@ impl Sink {
                     .key(&keys.offsets)
                     .key(&keys.status)
                     .key(&keys.seen)
+                    .key(&keys.topic_ids)
                     .arg(&candidate)
                     .invoke_async(&mut c)
                     .await
             })
             .await?;
         self.token = token;
+        self.install_read_functions().await?;
         let offsets = self.load_offsets().await?;
         self.seq = offsets.seq;
         let keys = self.keys.clone();
@@ -642,6 +651,55 @@ impl Sink {
 
     /// Reads the field table (`<ns>:fields`). Read it after the values it
     /// is needed for: names are written no later than the values using them.
+    /// Has `init` load this Redis Functions library (crate::functions).
+    pub fn set_read_functions(&mut self, library: String) {
+        self.read_functions = Some(library);
+    }
+
+    /// Loads the read functions, replacing any older edgecache library (a
+    /// function name can belong to one library only), in one transaction so
+    /// callers never see them missing. At every `init`: at start, and when
+    /// Redis lost everything (the library may have gone with it). A Redis
+    /// that refuses (before 7.0, or an ACL without FUNCTION) costs the
+    /// readers their functions, not the mirror: a warning, not an error.
+    async fn install_read_functions(&mut self) -> Result<(), SinkError> {
+        let Some(library) = self.read_functions.clone() else {
+            return Ok(());
+        };
+        let result = self
+            .call(|mut c| async move {
+                let listed: redis::Value = redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg("edgecache_*")
+                    .query_async(&mut c)
+                    .await?;
+                let mut transaction = redis::pipe();
+                transaction.atomic();
+                for name in library_names(&listed) {
+                    if name.starts_with("edgecache_") && name != crate::functions::LIBRARY_NAME {
+                        transaction.cmd("FUNCTION").arg("DELETE").arg(name).ignore();
+                    }
+                }
+                transaction
+                    .cmd("FUNCTION")
+                    .arg("LOAD")
+                    .arg("REPLACE")
+                    .arg(&library)
+                    .ignore();
+                transaction.query_async::<()>(&mut c).await
+            })
+            .await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(e @ SinkError::Unreachable(_)) | Err(e @ SinkError::Lost) => Err(e),
+            Err(e) => {
+                tracing::warn!("cannot install the read functions (FCALL_RO edgecache_get): {e}");
+                Ok(())
+            }
+        }
+    }
+
     pub async fn fields(&mut self) -> Result<Fields, SinkError> {
         let key = self.keys.fields.clone();
         let pairs: Vec<(String, String)> = self
@@ -955,6 +1013,28 @@ impl Sink {
             .await;
     }
 
+    /// The topic IDs the stored offsets were taken from (topic → ID).
+    pub async fn topic_ids(&mut self) -> Result<Vec<(String, String)>, SinkError> {
+        let key = self.keys.topic_ids.clone();
+        self.call(|mut c| async move { redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
+            .await
+    }
+
+    /// Records the topic ID the offsets of `topic` are taken from.
+    pub async fn set_topic_id(&mut self, topic: &str, id: &str) -> Result<(), SinkError> {
+        let key = self.keys.topic_ids.clone();
+        let (topic, id) = (topic.to_owned(), id.to_owned());
+        self.call(|mut c| async move {
+            redis::cmd("HSET")
+                .arg(&key)
+                .arg(topic)
+                .arg(id)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Notes in the offsets hash that these topics' lineage resync is
     /// pending (`on`), or done: a restart then finishes a pending one.
     pub async fn mark_lineage(&mut self, topics: &[String], on: bool) -> Result<(), SinkError> {
@@ -1069,7 +1149,7 @@ impl Sink {
         add(&[b"GET", k.marker.as_bytes()]);
         add(&[b"SET", k.marker.as_bytes(), b"x"]);
         add(&[b"DEL", k.marker.as_bytes()]);
-        for hash in [&k.offsets, &k.status, &k.fields] {
+        for hash in [&k.offsets, &k.status, &k.fields, &k.topic_ids] {
             add(&[b"HGETALL", hash.as_bytes()]);
             add(&[b"HGET", hash.as_bytes(), b"f"]);
             add(&[b"HMGET", hash.as_bytes(), b"f"]);
@@ -1174,6 +1254,31 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The `library_name` of each entry of a FUNCTION LIST reply (RESP2 flat
+/// pairs or RESP3 maps).
+fn library_names(listed: &redis::Value) -> Vec<String> {
+    let redis::Value::Array(libraries) = listed else {
+        return Vec::new();
+    };
+    libraries
+        .iter()
+        .filter_map(|library| {
+            let pairs: Vec<(&redis::Value, &redis::Value)> = match library {
+                redis::Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|p| Some((p.first()?, p.get(1)?)))
+                    .collect(),
+                redis::Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
+                _ => return None,
+            };
+            pairs.into_iter().find_map(|(k, v)| {
+                let k: String = redis::from_redis_value(k).ok()?;
+                (k == "library_name").then(|| redis::from_redis_value(v).ok())?
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

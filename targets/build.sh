@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T=${1:?usage: targets/build.sh TARGET}
+# The musl toolchain: cargo-zigbuild (crates.io) and zig (PyPI's ziglang).
+CARGO_ZIGBUILD_VERSION=0.24.1
+ZIG_VERSION=0.17.1
 
 # Debian packages for a target: C/C++ cross compilers (rdkafka-sys builds
 # librdkafka with cmake, which also builds the C++ wrapper librdkafka++.a even
@@ -43,9 +46,13 @@ if [[ -n $gnu ]]; then
 else
   # musl: zig ships musl libc + a clang for every target, so no Debian musl
   # cross gcc is needed (bookworm has none for aarch64). Result is static.
+  # Both pinned, so a new release cannot change a build that worked; an
+  # installed other version is replaced.
   apt_need cmake make perl python3-pip file
-  command -v cargo-zigbuild >/dev/null || cargo install --locked cargo-zigbuild
-  python3 -m ziglang version >/dev/null 2>&1 || pip3 install --break-system-packages ziglang
+  [[ "$(cargo zigbuild --version 2>/dev/null)" == *" $CARGO_ZIGBUILD_VERSION" ]] ||
+    cargo install --locked cargo-zigbuild --version "$CARGO_ZIGBUILD_VERSION"
+  [[ "$(python3 -m ziglang version 2>/dev/null)" == "$ZIG_VERSION" ]] ||
+    pip3 install --break-system-packages "ziglang==$ZIG_VERSION"
   time cargo zigbuild --locked --release --target "$T" --bin edgecache
 fi
 ls -l "target/$T/release/edgecache"

@@ -5,7 +5,12 @@
 #    end-to-end tests that cover mirror, tombstones, restart-resume, kill,
 #    rehydrate and every store format, against the real broker and Redis;
 # 3. check the systemd unit (verify + security exposure <= 2.0);
-# 4. build the arm64 .deb and inspect it (targets/deb.sh).
+# 4. build the arm64 .deb and inspect it (targets/deb.sh);
+# 5. run the unit under a real systemd: the host-arch .deb booted in a
+#    Debian 12 container (targets/systemd-test.sh, 2-3 min with the root
+#    filesystem cached, about 1 min more to make it).
+# The broker is 127.0.0.1:$EDGECACHE_KAFKA_PORT (default 39092) for every
+# step, the Rust tests included (tests/util/mod.rs reads the same variable).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T=aarch64-unknown-linux-musl
@@ -22,6 +27,8 @@ if ! bash tests/services.sh kafka-status; then
 fi
 stop_kafka() { [[ $started_kafka == yes ]] && bash tests/services.sh kafka-stop; true; }
 trap stop_kafka EXIT
+
+bash targets/systemd-test.sh
 
 wrapper=$(bash targets/qemu-smoke.sh --make-wrapper target/qemu/edgecache "$T")
 echo "== end-to-end tests with the $T binary under qemu ($wrapper)"

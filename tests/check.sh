@@ -35,6 +35,8 @@ echo "== cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== fuzz smoke (every decoder of outside bytes, 20 s per target)"
 bash tests/fuzz.sh 20
+echo "== Python reader (pytest: FORMAT.md's vectors, serde_json's printing)"
+python3 -m pytest -q -p no:cacheprovider readers/python/tests
 echo "== cargo test (unit, properties, end-to-end against real Kafka and Redis)"
 # Doc tests are left out: the crate has none, and their empty summary
 # would be the run's last line.

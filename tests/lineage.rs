@@ -113,8 +113,13 @@ fn topic_recreated_while_the_agent_is_stopped() {
             .unwrap_or(0);
         assert_eq!(next, end, "partition {p}");
     }
+    // Told by the topic ID, or by the log ending below the stored offsets,
+    // whichever the agent saw first.
     let log = agent.log_text();
-    assert!(log.contains("recreated or truncated"), "{log}");
+    assert!(
+        log.contains("the topic's ID changed") || log.contains("recreated or truncated"),
+        "{log}"
+    );
     agent.sigterm();
 }
 
@@ -536,5 +541,44 @@ fn misconf_shows_in_status_and_heals() {
             && !status.contains_key("redis_error")
     });
     assert_eq!(redis.status_counter("records"), producer.n_sent);
+    drop(agent);
+}
+
+/// A topic recreated with more records than before: its log end is not
+/// below the stored offsets, so only Kafka's topic ID tells it is another
+/// topic. Stopped agent, then restarted.
+#[test]
+fn topic_recreated_with_more_records_is_told_by_its_id() {
+    let mut s = Setup::new("lineage-more", 1, false, 23);
+    for i in 0..50u64 {
+        s.producer.put(
+            &format!("old{}", s.rng.below(40)),
+            Some(&format!("{{\"old\":{i}}}")),
+        );
+    }
+    s.producer.flush();
+    let config = AgentConfig::new(s.redis.url(), &s.topic, "device:").write(s.dir.path());
+    let mut agent = Agent::start(&config);
+    converges(&s.redis, &s.producer);
+    assert_eq!(s.redis.hgetall("edgecache:topic_ids").len(), 1);
+    agent.sigterm();
+
+    recreate_topic(&s.topic, 1);
+    let mut producer = TestProducer::new(&s.topic);
+    for i in 0..200u64 {
+        producer.put(
+            &format!("new{}", s.rng.below(80)),
+            Some(&format!("{{\"new\":{i}}}")),
+        );
+    }
+    producer.flush();
+    let agent = Agent::start(&config);
+    converges(&s.redis, &producer);
+    wait_until(CONVERGE, "live after the lineage resync", || {
+        s.redis.state().as_deref() == Some("live")
+    });
+    assert!(s.redis.status_counter("lineage_resyncs") >= 1);
+    let log = agent.log_text();
+    assert!(log.contains("the topic's ID changed"), "{log}");
     drop(agent);
 }

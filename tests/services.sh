@@ -67,12 +67,21 @@ deps() {
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   done
+  # Python for the readers' tests (readers/python, tests/read.rs).
+  command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
   # The font the benchmark's PNG plots are labelled with (benches/edgecache/plots.rs).
   [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || missing+=(fonts-dejavu-core)
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # redis-py (the Python reader's one dependency) and pytest: from PyPI, or
+  # from Debian where the system Python refuses pip (PEP 668).
+  if ! python3 -c 'import redis, pytest' 2>/dev/null; then
+    log "installing redis-py and pytest"
+    python3 -m pip install -q redis pytest 2>/dev/null ||
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-redis python3-pytest >/dev/null
   fi
   # Marker written last: a fetch interrupted halfway is redone, not trusted.
   if [[ ! -f $LIBS/.complete ]]; then

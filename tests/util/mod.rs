@@ -20,9 +20,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The test broker: `127.0.0.1:$EDGECACHE_KAFKA_PORT` (default 39092), the
+/// variable `tests/services.sh` starts it with, so one setting moves the
+/// broker for the scripts and the tests; `EDGECACHE_TEST_BROKERS` overrides
+/// the whole list (a broker the scripts did not start).
 pub fn brokers() -> String {
-    let brokers =
-        std::env::var("EDGECACHE_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:39092".into());
+    let brokers = std::env::var("EDGECACHE_TEST_BROKERS").unwrap_or_else(|_| {
+        let port = std::env::var("EDGECACHE_KAFKA_PORT").unwrap_or_else(|_| "39092".into());
+        format!("127.0.0.1:{port}")
+    });
     let first = brokers.split(',').next().unwrap().to_owned();
     if TcpStream::connect_timeout(&first.parse().unwrap(), Duration::from_secs(2)).is_err() {
         panic!(
