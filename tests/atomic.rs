@@ -4,7 +4,7 @@
 //! one of the agent's hashes, a power cut that tears the append-only file
 //! inside transactions, and far-future record timestamps with a TTL.
 //!
-//! The invariant every test checks on one atomic snapshot of Redis
+//! The invariant the mirroring tests check on one atomic snapshot of Redis
 //! ([`check`]): no value newer than its partition's stored offset, no offset
 //! ahead of its data (every record below a stored offset is reflected), and
 //! counters that count each record below the stored offsets exactly once.
