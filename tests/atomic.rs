@@ -503,6 +503,13 @@ fn acl_file_loads_and_grants_least_privilege() {
         &["PUBLISH", CHANNEL, "set device:a"],
         &["CONFIG", "GET", "appendonly"],
         &["INFO", "persistence"],
+        // The read functions for local apps (FCALL_RO edgecache_get),
+        // replaced in one transaction at every init.
+        &["FUNCTION", "LIST", "LIBRARYNAME", "edgecache_*"],
+        &["FUNCTION", "LOAD", "REPLACE", "#!lua name=x\nreturn 1"],
+        &["FUNCTION", "DELETE", "edgecache_v0"],
+        &["MULTI"],
+        &["EXEC"],
     ];
     for args in agent_may {
         assert!(dry(&mut admin, "edgecache", args), "agent needs {args:?}");
@@ -517,6 +524,8 @@ fn acl_file_loads_and_grants_least_privilege() {
         &["CONFIG", "SET", "appendonly", "no"],
         &["ACL", "SETUSER", "edgecache", "+@all"],
         &["SHUTDOWN"],
+        &["FUNCTION", "FLUSH"],
+        &["FCALL", "f", "0"],
     ];
     for args in agent_may_not {
         assert!(
@@ -627,6 +636,16 @@ fn agent_and_reader_under_the_shipped_acl() {
     let key = format!("device:{}", String::from_utf8_lossy(key));
     let value: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut reader).unwrap();
     assert!(value.is_some(), "reader cannot GET {key}");
+    // The agent installed the read functions under its user, and the reader
+    // may call them.
+    let json: String = redis::cmd("FCALL_RO")
+        .arg("edgecache_get")
+        .arg(1)
+        .arg(&key)
+        .query(&mut reader)
+        .unwrap_or_else(|e| panic!("reader FCALL_RO edgecache_get {key}: {e}"));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(json["n"].is_u64(), "{key}: {json}");
     let status: BTreeMap<String, String> = redis::cmd("HGETALL")
         .arg("edgecache:status")
         .query(&mut reader)
