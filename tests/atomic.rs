@@ -4,7 +4,7 @@
 //! one of the agent's hashes, a power cut that tears the append-only file
 //! inside transactions, and far-future record timestamps with a TTL.
 //!
-//! The invariant every test checks on one atomic snapshot of Redis
+//! The invariant the mirroring tests check on one atomic snapshot of Redis
 //! ([`check`]): no value newer than its partition's stored offset, no offset
 //! ahead of its data (every record below a stored offset is reflected), and
 //! counters that count each record below the stored offsets exactly once.
@@ -503,6 +503,13 @@ fn acl_file_loads_and_grants_least_privilege() {
         &["PUBLISH", CHANNEL, "set device:a"],
         &["CONFIG", "GET", "appendonly"],
         &["INFO", "persistence"],
+        // The read functions for local apps (FCALL_RO edgecache_get),
+        // replaced in one transaction at every init.
+        &["FUNCTION", "LIST", "LIBRARYNAME", "edgecache_*"],
+        &["FUNCTION", "LOAD", "REPLACE", "#!lua name=x\nreturn 1"],
+        &["FUNCTION", "DELETE", "edgecache_v0"],
+        &["MULTI"],
+        &["EXEC"],
     ];
     for args in agent_may {
         assert!(dry(&mut admin, "edgecache", args), "agent needs {args:?}");
@@ -517,6 +524,8 @@ fn acl_file_loads_and_grants_least_privilege() {
         &["CONFIG", "SET", "appendonly", "no"],
         &["ACL", "SETUSER", "edgecache", "+@all"],
         &["SHUTDOWN"],
+        &["FUNCTION", "FLUSH"],
+        &["FCALL", "f", "0"],
     ];
     for args in agent_may_not {
         assert!(
@@ -627,6 +636,16 @@ fn agent_and_reader_under_the_shipped_acl() {
     let key = format!("device:{}", String::from_utf8_lossy(key));
     let value: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut reader).unwrap();
     assert!(value.is_some(), "reader cannot GET {key}");
+    // The agent installed the read functions under its user, and the reader
+    // may call them.
+    let json: String = redis::cmd("FCALL_RO")
+        .arg("edgecache_get")
+        .arg(1)
+        .arg(&key)
+        .query(&mut reader)
+        .unwrap_or_else(|e| panic!("reader FCALL_RO edgecache_get {key}: {e}"));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(json["n"].is_u64(), "{key}: {json}");
     let status: BTreeMap<String, String> = redis::cmd("HGETALL")
         .arg("edgecache:status")
         .query(&mut reader)
@@ -679,9 +698,9 @@ fn agent_and_reader_under_the_shipped_acl() {
 
 /// (b) A permission the agent needs is missing at start: `edgecache run`
 /// exits 78 with an error naming the command and the key pattern or channel,
-/// and writes nothing (no data key, no offsets).
-#[test]
-fn missing_permission_stops_the_agent_at_start() {
+/// and writes nothing (no data key, no offsets). Each case: (what, ACL
+/// rules changed from the shipped ones, words the error must name).
+fn missing_permission(cases: &[(&str, &[&str], &[&str])]) {
     let topic = unique("acl-missing");
     create_topic(&topic, 2);
     let mut producer = TestProducer::new(&topic);
@@ -689,12 +708,6 @@ fn missing_permission_stops_the_agent_at_start() {
     let mut log = Log::default();
     produce(&mut producer, &mut rng, &mut log, 200, 50);
     producer.flush();
-    let cases: &[(&str, &[&str], &[&str])] = &[
-        ("no channel", &["resetchannels"], &["publish", CHANNEL]),
-        ("no MSET", &["-mset"], &["mset"]),
-        ("no EVALSHA", &["-evalsha"], &["evalsha"]),
-        ("no data keys", &["resetkeys", "~edgecache:*"], &["device:"]),
-    ];
     for (case, changes, named) in cases {
         let redis = Redis::start(false);
         install_users(&redis, changes);
@@ -725,6 +738,27 @@ fn missing_permission_stops_the_agent_at_start() {
             "{case}: offsets written before the permission check"
         );
     }
+}
+
+#[test]
+fn missing_permission_stops_the_agent_at_start() {
+    missing_permission(&[
+        ("no channel", &["resetchannels"], &["publish", CHANNEL]),
+        ("no MSET", &["-mset"], &["mset"]),
+        ("no EVALSHA", &["-evalsha"], &["evalsha"]),
+        ("no data keys", &["resetkeys", "~edgecache:*"], &["device:"]),
+    ]);
+}
+
+/// The commands only some paths use: HDEL (clearing status fields) and
+/// HINCRBY (the resync sweep's `swept` counter, after its DELs, so a denied
+/// one would leave a page's deletes uncounted).
+#[test]
+fn missing_hdel_or_hincrby_stops_the_agent_at_start() {
+    missing_permission(&[
+        ("no HDEL", &["-hdel"], &["hdel"]),
+        ("no HINCRBY", &["-hincrby"], &["hincrby"]),
+    ]);
 }
 
 /// (c) Issue 13's case: PUBLISH on the notification channel denied at run
