@@ -676,10 +676,14 @@ impl Pipeline<'_> {
         self.write_state().await;
     }
 
-    /// Redis takes writes again: clear the reason.
+    /// Redis takes writes again: clear the reason (also one a previous run
+    /// of the agent left in the status hash, at every connect).
     async fn redis_fine(&mut self) {
-        if self.redis_problem.take().is_some() {
-            info!("Redis takes writes again");
+        let had_problem = self.redis_problem.take().is_some();
+        if had_problem || self.written_state.is_none() {
+            if had_problem {
+                info!("Redis takes writes again");
+            }
             self.written_state = None;
             let _ = self
                 .sink

@@ -1158,6 +1158,8 @@ impl Sink {
             add(&[b"HGET", hash.as_bytes(), b"f"]);
             add(&[b"HMGET", hash.as_bytes(), b"f"]);
             add(&[b"HSET", hash.as_bytes(), b"f", b"v"]);
+            add(&[b"HDEL", hash.as_bytes(), b"f"]);
+            add(&[b"HINCRBY", hash.as_bytes(), b"f", b"1"]);
             add(&[b"DEL", hash.as_bytes()]);
             add(&[b"TYPE", hash.as_bytes()]);
         }
