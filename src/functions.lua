@@ -6,8 +6,9 @@
 --
 -- Lua 5.1 numbers are doubles: 64-bit integers are turned into decimal
 -- text from their varint bytes, never through a number, and floats are
--- printed the way serde_json (ryu) prints them: the shortest digits that
--- read back as the same double, laid out as ryu lays them out.
+-- printed the way serde_json prints them (FORMAT.md, "The JSON edgecache
+-- get prints"): the shortest digits that read back as the same double,
+-- found with printf and strtod, laid out as serde_json lays them out.
 
 local function boot()
   local sbyte, ssub, schar, sformat, sfind, sgsub, srep, smatch =
@@ -234,8 +235,8 @@ local function boot()
   end
   -- ------------------------------------------------------- postcard values
 
-  -- The value being decoded: bytes, next position, store name for errors,
-  -- whether keys are inline (format 1).
+  -- The value being decoded: bytes, next position, length, and whether
+  -- keys are inline (format 1).
   local S, P, N, V1
   -- The field table of NAMESPACE, cached while the marker stays the same:
   -- under one marker a number never changes its name (FORMAT.md).
@@ -726,10 +727,10 @@ local function boot()
   end
 
   -- Apps read a value many times between updates: the JSON text of recent
-  -- values (up to VALUE_MEMO_BYTES each, VALUE_MEMO_MAX in all, so at most
-  -- about 2 MB of Lua memory) is kept by store and stored bytes. A postcard
-  -- text depends on the field table too, which is stable under one marker:
-  -- a new marker empties that memo.
+  -- values (stored values of up to VALUE_MEMO_BYTES, VALUE_MEMO_MAX of them,
+  -- a few MB of Lua memory at most) is kept by store and stored bytes. A
+  -- postcard text depends on the field table too, which is stable under
+  -- one marker: a new marker empties the memo.
   local VALUE_MEMO_MAX, VALUE_MEMO_BYTES = 2048, 512
   local value_memo, n_value_memo, memo_marker = {}, 0, false
 
