@@ -426,7 +426,17 @@ local function boot()
       end
       return i64_text()
     elseif t == 3 then return float_text((struct.unpack('<d', take(8))))
-    elseif t == 4 then return quote(utf8_string())
+    elseif t == 4 then
+      -- Short ASCII text needing no escapes, the usual string: one match.
+      local len = sbyte(S, P)
+      if len and len < 128 and P + len <= N then
+        local text = ssub(S, P + 1, P + len)
+        if not sfind(text, '[%z\1-\31"\\\128-\255]') then
+          P = P + 1 + len
+          return '"' .. text .. '"'
+        end
+      end
+      return quote(utf8_string())
     elseif t == 5 then return '"' .. hex(take(u64())) .. '"'
     elseif t == 6 then
       local n = count()
@@ -640,7 +650,15 @@ local function boot()
 
   function jvalue(levels)
     local c = ssub(J, JP, JP)
-    if c == '"' then return quote(jstring())
+    if c == '"' then
+      -- A string of ASCII needing no escapes, the usual one: one match.
+      local _, stop = sfind(J, '^"[^%z\1-\31"\\\128-\255]*"', JP)
+      if stop then
+        local text = ssub(J, JP, stop)
+        JP = stop + 1
+        return text
+      end
+      return quote(jstring())
     elseif c == '{' then
       if levels + 1 >= JSON_MAX_LEVELS then jfail() end
       JP = JP + 1
