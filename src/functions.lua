@@ -537,7 +537,11 @@ local function boot()
   end
 
   local function ws()
-    JP = sfind(J, '[^ \t\n\r]', JP) or (#J + 1)
+    -- Compact JSON (the json store) has none: one byte test, no search.
+    local b = sbyte(J, JP)
+    if b == 32 or b == 9 or b == 10 or b == 13 then
+      JP = sfind(J, '[^ \t\n\r]', JP) or (#J + 1)
+    end
   end
 
   local function utf8_char(c)
