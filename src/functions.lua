@@ -6,8 +6,9 @@
 --
 -- Lua 5.1 numbers are doubles: 64-bit integers are turned into decimal
 -- text from their varint bytes, never through a number, and floats are
--- printed the way serde_json (ryu) prints them: the shortest digits that
--- read back as the same double, laid out as ryu lays them out.
+-- printed the way serde_json prints them (FORMAT.md, "The JSON edgecache
+-- get prints"): the shortest digits that read back as the same double,
+-- found with printf and strtod, laid out as serde_json lays them out.
 
 local function boot()
   local sbyte, ssub, schar, sformat, sfind, sgsub, srep, smatch =
@@ -234,8 +235,8 @@ local function boot()
   end
   -- ------------------------------------------------------- postcard values
 
-  -- The value being decoded: bytes, next position, store name for errors,
-  -- whether keys are inline (format 1).
+  -- The value being decoded: bytes, next position, length, and whether
+  -- keys are inline (format 1).
   local S, P, N, V1
   -- The field table of NAMESPACE, cached while the marker stays the same:
   -- under one marker a number never changes its name (FORMAT.md).
@@ -400,17 +401,42 @@ local function boot()
     return '{' .. tconcat(order, ',') .. '}'
   end
 
+  -- The text of a zigzag varint of one byte (-64..63).
+  local SMALL_INT = {}
+  for b = 0, 127 do
+    SMALL_INT[b] = sformat('%d', b % 2 == 0 and b / 2 or -(b + 1) / 2)
+  end
+
   local function value(depth)
     if depth > MAX_DEPTH then corrupt('nesting deeper than 64 levels') end
-    local t = tag()
+    -- Tags, small integers and field references are one byte: read inline,
+    -- since every interpreted call costs (BENCHMARKS.md, "Read cost").
+    local t = sbyte(S, P)
+    if t and t < 128 then P = P + 1 else t = tag() end
     if t == 0 then return 'null'
     elseif t == 1 then
       local b = byte()
       if b == 0 then return 'false' elseif b == 1 then return 'true' end
       corrupt('bool byte ' .. b)
-    elseif t == 2 then return i64_text()
+    elseif t == 2 then
+      local b = sbyte(S, P)
+      if b and b < 128 then
+        P = P + 1
+        return SMALL_INT[b]
+      end
+      return i64_text()
     elseif t == 3 then return float_text((struct.unpack('<d', take(8))))
-    elseif t == 4 then return quote(utf8_string())
+    elseif t == 4 then
+      -- Short ASCII text needing no escapes, the usual string: one match.
+      local len = sbyte(S, P)
+      if len and len < 128 and P + len <= N then
+        local text = ssub(S, P + 1, P + len)
+        if not sfind(text, '[%z\1-\31"\\\128-\255]') then
+          P = P + 1 + len
+          return '"' .. text .. '"'
+        end
+      end
+      return quote(utf8_string())
     elseif t == 5 then return '"' .. hex(take(u64())) .. '"'
     elseif t == 6 then
       local n = count()
@@ -419,29 +445,50 @@ local function boot()
       return '[' .. tconcat(items, ',') .. ']'
     elseif t == 7 then
       local n = count()
-      local keys, values = {}, {}
+      -- `"key":value` per entry; a repeated key keeps its first place and
+      -- takes its last value, as serde_json's map does.
+      local parts, at = {}, {}
       for i = 1, n do
+        local key
         if V1 then
-          keys[i] = utf8_string()
+          key = utf8_string()
         else
-          local r = u64()
-          keys[i] = r == 0 and utf8_string() or field_name(r - 1)
+          local r = sbyte(S, P)
+          if r and r < 128 then P = P + 1 else r = u64() end
+          key = r == 0 and utf8_string() or field_name(r - 1)
         end
-        values[i] = value(depth + 1)
+        local text = key_text(key) .. value(depth + 1)
+        local j = at[key]
+        if j then
+          parts[j] = text
+        else
+          j = #parts + 1
+          parts[j] = text
+          at[key] = j
+        end
       end
-      return object(keys, values, n)
+      return '{' .. tconcat(parts, ',') .. '}'
     elseif t == 8 then
-      local text = i64_text()
-      local mantissa = tonumber(text) -- correctly rounded, like `as f64`
+      local from = P
+      local u = u64()
       local scale = byte()
       if scale > 15 then scale = 15 end
-      local x = mantissa / POW10[scale]
-      local neg = sbyte(text, 1) == 45
-      local digits = neg and ssub(text, 2) or text
-      -- Below 10^15 the mantissa and the division are exact / correctly
+      if P - from > 8 then
+        -- A mantissa of 2^49 or more: through its exact text, which strtod
+        -- rounds as `as f64` does.
+        P = from
+        local mantissa = tonumber(i64_text())
+        P = P + 1 -- the scale, read above
+        return float_text(mantissa / POW10[scale])
+      end
+      -- Exact below 2^53; 10^scale is exact and the division correctly
       -- rounded, so x is the double nearest to the decimal.
+      local mantissa = u % 2 == 0 and u / 2 or -(u + 1) / 2
+      local x = mantissa / POW10[scale]
       local text = x ~= 0 and float_memo[x]
       if text then return text end
+      local neg = mantissa < 0
+      local digits = sformat('%.0f', neg and -mantissa or mantissa)
       text = #digits <= 15 and short_decimal_text(neg, digits, -scale, neg and -x or x)
       if not text then return float_text(x) end
       if n_float_memo >= MEMO_MAX then float_memo, n_float_memo = {}, 0 end
@@ -490,7 +537,11 @@ local function boot()
   end
 
   local function ws()
-    JP = sfind(J, '[^ \t\n\r]', JP) or (#J + 1)
+    -- Compact JSON (the json store) has none: one byte test, no search.
+    local b = sbyte(J, JP)
+    if b == 32 or b == 9 or b == 10 or b == 13 then
+      JP = sfind(J, '[^ \t\n\r]', JP) or (#J + 1)
+    end
   end
 
   local function utf8_char(c)
@@ -603,7 +654,15 @@ local function boot()
 
   function jvalue(levels)
     local c = ssub(J, JP, JP)
-    if c == '"' then return quote(jstring())
+    if c == '"' then
+      -- A string of ASCII needing no escapes, the usual one: one match.
+      local _, stop = sfind(J, '^"[^%z\1-\31"\\\128-\255]*"', JP)
+      if stop then
+        local text = ssub(J, JP, stop)
+        JP = stop + 1
+        return text
+      end
+      return quote(jstring())
     elseif c == '{' then
       if levels + 1 >= JSON_MAX_LEVELS then jfail() end
       JP = JP + 1
@@ -690,10 +749,10 @@ local function boot()
   end
 
   -- Apps read a value many times between updates: the JSON text of recent
-  -- values (up to VALUE_MEMO_BYTES each, VALUE_MEMO_MAX in all, so at most
-  -- about 2 MB of Lua memory) is kept by store and stored bytes. A postcard
-  -- text depends on the field table too, which is stable under one marker:
-  -- a new marker empties that memo.
+  -- values (stored values of up to VALUE_MEMO_BYTES, VALUE_MEMO_MAX of them,
+  -- a few MB of Lua memory at most) is kept by store and stored bytes. A
+  -- postcard text depends on the field table too, which is stable under
+  -- one marker: a new marker empties the memo.
   local VALUE_MEMO_MAX, VALUE_MEMO_BYTES = 2048, 512
   local value_memo, n_value_memo, memo_marker = {}, 0, false
 
