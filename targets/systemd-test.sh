@@ -24,7 +24,6 @@
 # to make, then seconds to copy); each run boots a fresh copy.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ROOT_DIR=$PWD
 PORT=${EDGECACHE_KAFKA_PORT:-39092}
 BROKERS=127.0.0.1:$PORT
 CACHE=${EDGECACHE_CACHE:-$HOME/.cache/edgecache}
@@ -87,7 +86,7 @@ cached=$(rootfs_cached)
 WORK=$(mktemp -d /var/tmp/edgecache-systemd-test.XXXXXX)
 M=$WORK/root
 TOPIC=edgecache-systemd-test-$(date +%s)-$$
-NSPAWN= LEADER=
+NSPAWN='' LEADER=''
 cleanup() {
   local rc=$?
   if [[ -n $NSPAWN ]] && kill -0 "$NSPAWN" 2>/dev/null; then
@@ -145,7 +144,7 @@ echo "systemd $(ct systemctl --version | head -1 | cut -d' ' -f2) is PID 1 in th
 # From here a failure also shows the agent's journal.
 die() {
   echo "systemd-test.sh: FAIL: $*" >&2
-  [[ -n $LEADER ]] && ct journalctl -u edgecache -o short-monotonic --no-pager -n 60 >&2 || true
+  if [[ -n $LEADER ]]; then ct journalctl -u edgecache -o short-monotonic --no-pager -n 60 >&2 || true; fi
   exit 1
 }
 show() { ct systemctl show edgecache -p "$1" --value; }
