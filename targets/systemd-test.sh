@@ -15,13 +15,17 @@
 #  3. a 100k-record rehydrate: `systemctl start` returns once READY, the unit
 #     is active (running) with STATUS "live...", Redis holds the oracle's
 #     keys; the Redis password comes from LoadCredential=; then live updates
-#     and tombstones; the agent's threads are back at niceness 0
-#     (LimitNICE=+0); the journal has no SIGSYS, EPERM or restart;
+#     and tombstones; the agent raised its niceness to 10 for the rehydrate
+#     and all its threads are back at 0 (LimitNICE=+0). On a host whose hard
+#     RLIMIT_NICE is below 20 without CAP_SYS_RESOURCE (this CI machine) no
+#     unit can get RLIMIT_NICE 20: the run then checks the documented
+#     fallback and prints "NOT VERIFIED ON THIS HOST" for the return;
+#     the journal has no SIGSYS, EPERM, warning or restart;
 #  4. the watchdog restarts an agent frozen with SIGSTOP (WatchdogSec
 #     shortened to 5 s by a test drop-in; the shipped unit says 30);
 #  5. `systemctl stop` exits 0 well within TimeoutStopSec, no SIGKILL.
-# The root filesystem is cached under $HOME/.cache/edgecache/ (about 4 min
-# to make, then seconds to copy); each run boots a fresh copy.
+# The root filesystem is cached under $HOME/.cache/edgecache/ (73 s to make
+# here, then seconds to copy); each run boots a fresh copy. About 1.5 min.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PORT=${EDGECACHE_KAFKA_PORT:-39092}
