@@ -49,7 +49,8 @@ else
   # Both pinned, so a new release cannot change a build that worked; an
   # installed other version is replaced.
   apt_need cmake make perl python3-pip file
-  [[ "$(cargo zigbuild --version 2>/dev/null)" == *" $CARGO_ZIGBUILD_VERSION" ]] ||
+  # (`cargo zigbuild --version` is not an option; the binary itself answers.)
+  [[ "$(cargo-zigbuild --version 2>/dev/null)" == "cargo-zigbuild $CARGO_ZIGBUILD_VERSION" ]] ||
     cargo install --locked cargo-zigbuild --version "$CARGO_ZIGBUILD_VERSION"
   [[ "$(python3 -m ziglang version 2>/dev/null)" == "$ZIG_VERSION" ]] ||
     pip3 install --break-system-packages "ziglang==$ZIG_VERSION"

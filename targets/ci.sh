@@ -7,8 +7,8 @@
 # 3. check the systemd unit (verify + security exposure <= 2.0);
 # 4. build the arm64 .deb and inspect it (targets/deb.sh);
 # 5. run the unit under a real systemd: the host-arch .deb booted in a
-#    Debian 12 container (targets/systemd-test.sh, 2-3 min with the root
-#    filesystem cached, about 1 min more to make it).
+#    Debian 12 container (targets/systemd-test.sh, about 1.5 min with the
+#    root filesystem cached, 1-2 min more to make it).
 # The broker is 127.0.0.1:$EDGECACHE_KAFKA_PORT (default 39092) for every
 # step, the Rust tests included (tests/util/mod.rs reads the same variable).
 set -euo pipefail

@@ -130,6 +130,7 @@ sb=$ctl/sandbox; mkdir -p "$sb/bin" "$sb/etc/redis" "$sb/run/systemd/system"
 for c in deb-systemd-helper deb-systemd-invoke systemctl; do
   printf '#!/bin/sh\necho "%s $*" >>"%s/calls"\n' "$c" "$sb" >"$sb/bin/$c"; chmod +x "$sb/bin/$c"
 done
+# shellcheck disable=SC2016 # expanded when the stub runs
 printf 'case $1 in debian-installed|was-enabled) exit ${WAS_ENABLED:-1} ;; esac\n' >>"$sb/bin/deb-systemd-helper"
 for s in postinst postrm; do
   sed -e "s|/etc/redis/|$sb/etc/redis/|g" -e "s|/run/systemd/system|$sb/run/systemd/system|g" \

@@ -15,16 +15,19 @@
 #  3. a 100k-record rehydrate: `systemctl start` returns once READY, the unit
 #     is active (running) with STATUS "live...", Redis holds the oracle's
 #     keys; the Redis password comes from LoadCredential=; then live updates
-#     and tombstones; the agent's threads are back at niceness 0
-#     (LimitNICE=+0); the journal has no SIGSYS, EPERM or restart;
+#     and tombstones; the agent raised its niceness to 10 for the rehydrate
+#     and all its threads are back at 0 (LimitNICE=+0). On a host whose hard
+#     RLIMIT_NICE is below 20 without CAP_SYS_RESOURCE (this CI machine) no
+#     unit can get RLIMIT_NICE 20: the run then checks the documented
+#     fallback and prints "NOT VERIFIED ON THIS HOST" for the return;
+#     the journal has no SIGSYS, EPERM, warning or restart;
 #  4. the watchdog restarts an agent frozen with SIGSTOP (WatchdogSec
 #     shortened to 5 s by a test drop-in; the shipped unit says 30);
 #  5. `systemctl stop` exits 0 well within TimeoutStopSec, no SIGKILL.
-# The root filesystem is cached under $HOME/.cache/edgecache/ (about 4 min
-# to make, then seconds to copy); each run boots a fresh copy.
+# The root filesystem is cached under $HOME/.cache/edgecache/ (73 s to make
+# here, then seconds to copy); each run boots a fresh copy. About 1.5 min.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ROOT_DIR=$PWD
 PORT=${EDGECACHE_KAFKA_PORT:-39092}
 BROKERS=127.0.0.1:$PORT
 CACHE=${EDGECACHE_CACHE:-$HOME/.cache/edgecache}
@@ -87,7 +90,7 @@ cached=$(rootfs_cached)
 WORK=$(mktemp -d /var/tmp/edgecache-systemd-test.XXXXXX)
 M=$WORK/root
 TOPIC=edgecache-systemd-test-$(date +%s)-$$
-NSPAWN= LEADER=
+NSPAWN='' LEADER=''
 cleanup() {
   local rc=$?
   if [[ -n $NSPAWN ]] && kill -0 "$NSPAWN" 2>/dev/null; then
@@ -145,7 +148,7 @@ echo "systemd $(ct systemctl --version | head -1 | cut -d' ' -f2) is PID 1 in th
 # From here a failure also shows the agent's journal.
 die() {
   echo "systemd-test.sh: FAIL: $*" >&2
-  [[ -n $LEADER ]] && ct journalctl -u edgecache -o short-monotonic --no-pager -n 60 >&2 || true
+  if [[ -n $LEADER ]]; then ct journalctl -u edgecache -o short-monotonic --no-pager -n 60 >&2 || true; fi
   exit 1
 }
 show() { ct systemctl show edgecache -p "$1" --value; }
