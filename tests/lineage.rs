@@ -580,3 +580,38 @@ fn topic_recreated_with_more_records_is_told_by_its_id() {
     assert!(log.contains("the topic's ID changed"), "{log}");
     drop(agent);
 }
+
+/// Redis demoted to a replica (REPLICAOF another, empty server): writes are
+/// refused with READONLY and the agent's state is gone after the sync.
+/// `edgecache status` says `redis-unreachable`, `READONLY`; once Redis is a
+/// primary again the agent rebuilds everything.
+#[test]
+fn readonly_after_a_demotion_shows_in_status_and_heals() {
+    let mut s = Setup::new("lineage-readonly", 2, false, 24);
+    let other = Redis::start(false);
+    let config = AgentConfig::new(s.redis.url(), &s.topic, "device:").write(s.dir.path());
+    s.producer.random_states(&mut s.rng, 300, 60);
+    s.producer.flush();
+    let agent = Agent::start(&config);
+    converges(&s.redis, &s.producer);
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(other.port)
+        .query(&mut s.redis.conn())
+        .unwrap();
+    s.producer.random_states(&mut s.rng, 50, 60);
+    s.producer.flush();
+    wait_for_redis_error(&config, "READONLY", Duration::from_secs(20));
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut s.redis.conn())
+        .unwrap();
+    converges(&s.redis, &s.producer);
+    wait_until(CONVERGE, "live without an error", || {
+        let status = s.redis.hgetall("edgecache:status");
+        status.get("state").map(String::as_str) == Some("live")
+            && !status.contains_key("redis_error")
+    });
+    drop(agent);
+}
