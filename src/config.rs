@@ -622,10 +622,11 @@ impl Settings {
         // An idle consumer's cost to the broker is its empty fetches: one per
         // fetch.wait.max.ms (librdkafka's 500 ms: two a second per gateway).
         // New records still end the wait at once, so live latency does not
-        // change (FLEET.md: 10x less broker CPU per idle gateway). It also
-        // bounds how stale last_kafka_contact_ms gets while idle, and how
-        // long a metadata request may queue behind a fetch (well under the
-        // 10 s request timeout). Overridable in kafka.properties.
+        // change (FLEET.md: 10x fewer requests and bytes, 4x less broker CPU
+        // per idle gateway). It also bounds how stale last_kafka_contact_ms
+        // gets while idle, and how long a metadata request may queue behind
+        // a fetch (well under the 10 s request timeout). Overridable in
+        // kafka.properties.
         kafka_properties
             .entry("fetch.wait.max.ms".into())
             .or_insert_with(|| FETCH_WAIT_MAX_MS.to_string());
