@@ -2099,13 +2099,29 @@ impl Pipeline<'_> {
         }
         if self.lag != self.written_lag {
             if let Some(lag) = self.lag {
-                if self
-                    .sink
-                    .set_status(&[("lag", lag.to_string())])
-                    .await
-                    .is_ok()
-                {
+                // A total of 0 goes with per-partition fields of 0, so the
+                // hash never shows a partition behind next to no lag (the
+                // next tick would, but the agent may stop before it).
+                let mut fields = vec![("lag".to_owned(), lag.to_string())];
+                let mut zeroed = Vec::new();
+                if lag == 0 {
+                    for (&partition, &reported) in &self.reported.partition_lag {
+                        if reported != 0 && !self.stuck.contains_key(&partition) {
+                            let topic = &self.settings.topics[partition.0].name;
+                            fields.push((format!("lag.{topic}/{}", partition.1), "0".to_owned()));
+                            zeroed.push(partition);
+                        }
+                    }
+                }
+                let fields: Vec<(&str, String)> = fields
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.clone()))
+                    .collect();
+                if self.sink.set_status(&fields).await.is_ok() {
                     self.written_lag = self.lag;
+                    for partition in zeroed {
+                        self.reported.partition_lag.insert(partition, 0);
+                    }
                 }
             }
         }
