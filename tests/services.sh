@@ -64,7 +64,7 @@ deps() {
   local missing=() cmd pkg
   for pair in redis-server:redis-server mvn:maven java:openjdk-17-jre-headless \
               cmake:cmake g++:g++ perl:perl make:make openssl:openssl \
-              kcat:kcat python3:python3; do
+              kcat:kcat python3:python3 /usr/bin/time:time; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   done

@@ -69,7 +69,7 @@ pub struct PeerRun {
     /// processes).
     pub cpu: f64,
     /// Peak RSS: edgecache's VmHWM; for the pipeline the largest of its
-    /// processes (wait4's ru_maxrss).
+    /// processes (GNU time's %M).
     pub rss_kib: u64,
     pub used_memory: u64,
     /// Redis's own CPU over the run (INFO cpu, user + sys delta).
@@ -87,6 +87,10 @@ pub struct Bins {
 /// The tools the peers need, checked before anything runs: a missing one is
 /// an error, not a skipped row. Returns the venv's python.
 pub fn check_tools() -> PathBuf {
+    assert!(
+        Path::new("/usr/bin/time").exists(),
+        "/usr/bin/time is missing: `bash tests/services.sh deps` installs it (Debian's time)"
+    );
     let kcat = Command::new("kcat").arg("-V").output();
     assert!(
         matches!(&kcat, Ok(o) if o.status.success()),
@@ -148,28 +152,37 @@ fn redis_cpu(redis: &Redis) -> f64 {
         .sum()
 }
 
-/// Runs `cmd` to its end and returns (wall s, CPU s, peak RSS KiB) from
-/// wait4: the rusage of the child and every descendant it waited for.
-// wait4 below reaps the child; std's wait() would not give its rusage.
-#[allow(clippy::zombie_processes)]
-fn run_measured(mut cmd: Command) -> (f64, f64, u64) {
+/// Runs `program args` to its end under GNU time and returns (wall s, CPU
+/// s, peak RSS KiB): the CPU of the process and every descendant it waited
+/// for, and the largest peak RSS among them. Not wait4 from here: a child
+/// spawned by this process reports at least this process's own peak RSS
+/// (exec records the old address space's high-water mark; the bench holds
+/// the oracle), and `time` is small.
+fn run_measured(program: &Path, args: &[&str]) -> (f64, f64, u64) {
+    let report = tempfile::NamedTempFile::new().unwrap();
     let start = Instant::now();
-    let child = cmd.spawn().expect("spawn a peer");
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value; wait4 fills it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child by pid; std's Child is not waited on
-    // again (dropping it does not wait).
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let status = Command::new("/usr/bin/time")
+        .args(["-f", "%U %S %M", "-o"])
+        .arg(report.path())
+        .arg(program)
+        .args(args)
+        .status()
+        .expect("/usr/bin/time is missing (Debian's time, tests/services.sh deps)");
     let wall = start.elapsed().as_secs_f64();
-    assert_eq!(pid, child.id() as libc::pid_t, "wait4");
     assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "peer {cmd:?} failed (wait status {status})"
+        status.success(),
+        "peer {program:?} {args:?} failed ({status})"
     );
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let cpu = secs(usage.ru_utime) + secs(usage.ru_stime);
-    (wall, cpu, usage.ru_maxrss as u64)
+    let text = std::fs::read_to_string(report.path()).unwrap();
+    let v: Vec<f64> = text
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|x| x.parse().expect("time -f '%U %S %M'"))
+        .collect();
+    assert_eq!(v.len(), 3, "time's report: {text}");
+    (wall, v[0] + v[1], v[2] as u64)
 }
 
 /// Every live key is there with its last value, and nothing else is: a
@@ -227,18 +240,26 @@ fn one_run(
             let r: RehydrateRun = super::watch_rehydrate(bin, &config, &redis, topic, highs);
             (r.live.as_secs_f64(), r.cpu_s, r.hwm_kib)
         }
-        Who::Kcat => {
-            let mut cmd = Command::new("bash");
-            cmd.arg(format!("{bench_dir}/kcat-pipeline.sh"))
-                .args([brokers, topic, &port, PREFIX]);
-            run_measured(cmd)
-        }
-        Who::Python => {
-            let mut cmd = Command::new(&bins.python);
-            cmd.arg(format!("{bench_dir}/python_peer.py"))
-                .args([brokers, topic, &port, PREFIX]);
-            run_measured(cmd)
-        }
+        Who::Kcat => run_measured(
+            Path::new("bash"),
+            &[
+                &format!("{bench_dir}/kcat-pipeline.sh"),
+                brokers,
+                topic,
+                &port,
+                PREFIX,
+            ],
+        ),
+        Who::Python => run_measured(
+            &bins.python,
+            &[
+                &format!("{bench_dir}/python_peer.py"),
+                brokers,
+                topic,
+                &port,
+                PREFIX,
+            ],
+        ),
     };
     let redis_cpu = redis_cpu(&redis) - cpu_before;
     check_oracle(&redis, preload, who);
