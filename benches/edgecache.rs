@@ -9,6 +9,10 @@
 //!   EDGECACHE_BENCH_RECORDS      records preloaded for the rehydrate (1_000_000); keys = records/10
 //!   EDGECACHE_BENCH_RUNS         rehydrate runs, median reported (3)
 //!   EDGECACHE_BENCH_NAIVE_RUNS   naive-reference runs (same as RUNS)
+//!   EDGECACHE_BENCH_PEER_RUNS    side-by-side rounds (same as RUNS, at least 1): edgecache
+//!                                (postcard, json), kcat | awk | redis-cli, Python;
+//!                                AOF everysec and off. kcat and python3 must be there.
+//!   EDGECACHE_BENCH_BASELINE_BIN another agent binary (e.g. main's) run side by side too
 //!   EDGECACHE_BENCH_LIVE_SECS    seconds per live-latency rate (5)
 //!   EDGECACHE_BENCH_COMPACT_KEYS keys for the compactness comparison (100_000)
 //!   EDGECACHE_BENCH_BIN          use this agent binary instead of building target/release/edgecache
@@ -51,6 +55,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 // In a subdirectory: a file directly under benches/ would be taken for a
 // bench target of its own.
+#[path = "edgecache/peers.rs"]
+mod peers;
 #[path = "edgecache/plots.rs"]
 mod plots;
 
@@ -76,6 +82,8 @@ const WATCH_EVERY: Duration = Duration::from_millis(10);
 
 fn main() {
     let p = Params::from_env();
+    // Before anything is built or preloaded: a missing peer fails the bench.
+    let python = peers::check_tools();
     let bin = agent_binary();
     let brokers = brokers();
     let out_dir = target_dir().join("edgecache-bench");
@@ -139,6 +147,22 @@ fn main() {
         }
     }
 
+    // ---- 2b: side by side with the peers users would run instead ----
+    let bins = peers::Bins {
+        agent: bin.clone(),
+        baseline: std::env::var_os("EDGECACHE_BENCH_BASELINE_BIN").map(PathBuf::from),
+        python,
+    };
+    let side = peers::side_by_side(
+        p.peer_runs,
+        &bins,
+        &brokers,
+        &topic,
+        &highs,
+        work.path(),
+        &preload,
+    );
+
     // ---- 3: reads while the agent rehydrates ----
     progress("reads during a rehydrate (unix socket and TCP readers)");
     let reads = reads_during_rehydrate(&bin, &brokers, &topic, &highs, work.path(), &preload);
@@ -190,6 +214,7 @@ fn main() {
         &compact,
         &sizes,
     );
+    println!("{}", peers::print(&side, p.records));
     progress(&format!("raw samples in {}", out_dir.display()));
     // A full run writes ~200 MB to the broker; do not let reruns pile up.
     delete_topics(
@@ -314,6 +339,7 @@ struct Params {
     keys: u64,
     runs: usize,
     naive_runs: usize,
+    peer_runs: usize,
     live_secs: u64,
     compact_keys: u64,
 }
@@ -336,6 +362,7 @@ impl Params {
             keys: records / 10,
             runs,
             naive_runs: var("EDGECACHE_BENCH_NAIVE_RUNS", runs as u64) as usize,
+            peer_runs: var("EDGECACHE_BENCH_PEER_RUNS", runs as u64).max(1) as usize,
             live_secs: var("EDGECACHE_BENCH_LIVE_SECS", 5).max(1),
             compact_keys: var("EDGECACHE_BENCH_COMPACT_KEYS", 100_000).max(100),
         }
@@ -697,6 +724,8 @@ struct Preload {
     seconds: f64,
     /// Redis keys (prefix included) whose last record is not a tombstone.
     live_keys: Vec<String>,
+    /// Their last values: the oracle the side-by-side runs are checked against.
+    last_values: HashMap<String, String>,
     mean_value_bytes: f64,
 }
 
@@ -704,7 +733,7 @@ struct Preload {
 fn preload(brokers: &str, topic: &str, records: u64, keys: u64) -> Preload {
     let producer = bulk_producer(brokers);
     let mut rng = Rng::new(0xed9e_cace);
-    let mut last: HashMap<u64, bool> = HashMap::new();
+    let mut last: HashMap<u64, Option<String>> = HashMap::new();
     let mut value_bytes = 0u64;
     let mut values = 0u64;
     let base_ts = now_us() / 1000;
@@ -714,25 +743,26 @@ fn preload(brokers: &str, topic: &str, records: u64, keys: u64) -> Preload {
         let key = format!("sensor-{device}");
         if rng.below(10) == 0 {
             send_blocking(&producer, topic, &key, None);
-            last.insert(device, false);
+            last.insert(device, None);
         } else {
             let value = device_state(&mut rng, device, base_ts + n);
             value_bytes += value.len() as u64;
             values += 1;
             send_blocking(&producer, topic, &key, Some(&value));
-            last.insert(device, true);
+            last.insert(device, Some(value));
         }
     }
     flush(&producer);
-    let mut live_keys: Vec<String> = last
+    let last_values: HashMap<String, String> = last
         .into_iter()
-        .filter(|(_, live)| *live)
-        .map(|(device, _)| format!("device:sensor-{device}"))
+        .filter_map(|(device, value)| Some((format!("device:sensor-{device}"), value?)))
         .collect();
+    let mut live_keys: Vec<String> = last_values.keys().cloned().collect();
     live_keys.sort();
     Preload {
         seconds: start.elapsed().as_secs_f64(),
         live_keys,
+        last_values,
         mean_value_bytes: value_bytes as f64 / values.max(1) as f64,
     }
 }
@@ -767,6 +797,12 @@ struct Redis {
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(false)
+    }
+
+    /// `aof`: the append-only file on with `appendfsync everysec` (what a
+    /// gateway that keeps its mirror across reboots would run), else off.
+    fn start_with(aof: bool) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -788,7 +824,9 @@ impl Redis {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if aof { "yes" } else { "no" },
+                "--appendfsync",
+                "everysec",
             ])
             // Slow log: every command over 1 ms, so the report can say how
             // many apply scripts blocked readers that long.
@@ -1016,6 +1054,17 @@ impl Agent {
         proc_field(&text, field)
     }
 
+    /// utime + stime from /proc/<pid>/stat (fields 14 and 15, after the
+    /// parenthesised command name, which may hold spaces).
+    fn cpu_s(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
     fn assert_running(&mut self) {
         if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
             panic!("agent exited early ({status}); log:\n{}", self.log_tail());
@@ -1099,6 +1148,8 @@ struct RehydrateRun {
     /// Spawn until the first batch landed (connect, metadata, first fetch).
     first: Duration,
     hwm_kib: u64,
+    /// The agent's CPU (user + system) from spawn to `live`.
+    cpu_s: f64,
     /// (ms since spawn, VmRSS KiB) every ~50 ms.
     rss: Vec<(u64, u64)>,
     script: ScriptStats,
@@ -1174,6 +1225,7 @@ fn watch_rehydrate(
         std::thread::sleep(WATCH_EVERY);
     };
     let hwm_kib = agent.proc_status("VmHWM:").unwrap_or(0);
+    let cpu_s = agent.cpu_s();
     agent.stop();
     let data = data.unwrap_or(live);
     RehydrateRun {
@@ -1181,6 +1233,7 @@ fn watch_rehydrate(
         data,
         first: first.unwrap_or(data),
         hwm_kib,
+        cpu_s,
         rss,
         script: script_stats(redis),
         redis_keys: data_keys(&mut conn, &META_KEYS),

@@ -63,7 +63,8 @@ deps() {
   # so a warm machine (CI reruns) pays nothing.
   local missing=() cmd pkg
   for pair in redis-server:redis-server mvn:maven java:openjdk-17-jre-headless \
-              cmake:cmake g++:g++ perl:perl make:make openssl:openssl; do
+              cmake:cmake g++:g++ perl:perl make:make openssl:openssl \
+              kcat:kcat python3:python3 /usr/bin/time:time; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   done
@@ -71,6 +72,8 @@ deps() {
   command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
   # The font the benchmark's PNG plots are labelled with (benches/edgecache/plots.rs).
   [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || missing+=(fonts-dejavu-core)
+  # The benchmark's Python peer makes a venv (benches/edgecache/peers.rs).
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get update -qq
