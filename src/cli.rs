@@ -245,7 +245,11 @@ async fn status(settings: &Settings, json: bool) -> ExitCode {
             .is_some_and(|ms| now - ms < STALE_AFTER_MS)
     });
     let (mut fields, code) = match sink.status().await {
-        Ok(fields) if fields.is_empty() && runtime.is_none() => {
+        // No hash, and Redis refuses writes (a replica that synced from an
+        // empty primary, say): that refusal is the news, reported below.
+        Ok(fields)
+            if fields.is_empty() && runtime.is_none() && sink.write_refusal().await.is_none() =>
+        {
             eprintln!("edgecache: no status in Redis (agent never ran against this Redis?)");
             return ExitCode::FAILURE;
         }

@@ -195,6 +195,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         redis_problem: None,
         retrying: false,
         lineage_due: BTreeSet::new(),
+        discover_now: false,
         stored_ids: BTreeMap::new(),
         new_ids: BTreeMap::new(),
         ids_task: None,
@@ -354,7 +355,11 @@ struct Pipeline<'s> {
     redis_problem: Option<(String, String, i64)>,
     /// True while a batch Redis refused waits in `apply_retrying`.
     retrying: bool,
-    /// Topic IDs the stored offsets were taken from (`<ns>:topic_ids`).
+    /// Read metadata at the next tick (a topic's ID changed: its partitions
+    /// may have too).
+    discover_now: bool,
+    /// Topic IDs the stored offsets were taken from (`topic_id.<topic>` in
+    /// the status hash).
     stored_ids: BTreeMap<String, String>,
     /// IDs of recreated topics, written once their resync is noted.
     new_ids: BTreeMap<usize, String>,
@@ -1304,7 +1309,13 @@ impl Pipeline<'_> {
                 changed.push((partition, lag));
             }
         }
-        let mut stuck_gone = Vec::new();
+        let mut stuck_gone: Vec<String> = self
+            .reported
+            .partition_lag
+            .keys()
+            .filter(|p| !self.positions.contains_key(p))
+            .map(|p| format!("lag.{}/{}", self.settings.topics[p.0].name, p.1))
+            .collect();
         for (partition, at) in &self.stuck {
             if self.reported_stuck.get(partition) != Some(at) {
                 let topic = &self.settings.topics[partition.0].name;
@@ -1322,6 +1333,10 @@ impl Pipeline<'_> {
             if self.sink.clear_status(&gone).await.is_ok() {
                 self.reported_stuck
                     .retain(|p, _| self.stuck.contains_key(p));
+                let positions = &self.positions;
+                self.reported
+                    .partition_lag
+                    .retain(|p, _| positions.contains_key(p));
             }
         }
         let contact_changed =
@@ -1565,6 +1580,7 @@ impl Pipeline<'_> {
                     );
                     self.lineage_due.insert(idx);
                     self.new_ids.insert(idx, id);
+                    self.discover_now = true;
                 }
                 None => {
                     if self.sink.set_topic_id(&name, &id).await.is_ok() {
@@ -1870,7 +1886,8 @@ impl Pipeline<'_> {
                 if !self.missing_topics.is_empty() {
                     every = every.min(MISSING_TOPIC_LOOK_EVERY);
                 }
-                if self.last_discover.elapsed() >= every {
+                if self.discover_now || self.last_discover.elapsed() >= every {
+                    self.discover_now = false;
                     self.discovering = Some(source.discover_task());
                 }
             }
@@ -1884,6 +1901,32 @@ impl Pipeline<'_> {
                 source.mark_reachable();
                 let found = self.in_scope(found);
                 self.note_missing_topics(&found);
+                // Kafka never takes partitions away from a topic: fewer
+                // means it was deleted and created again with fewer. Those
+                // positions go (they would never report a watermark, so
+                // nothing would ever count as caught up) and the topic is
+                // rewritten.
+                let vanished: Vec<PartitionId> = self
+                    .positions
+                    .keys()
+                    .filter(|p| found.iter().any(|f| f.0 == p.0) && !found.contains(p))
+                    .copied()
+                    .collect();
+                if !vanished.is_empty() && !self.idle() {
+                    // A batch in hand may still name them: look again.
+                    self.discover_now = true;
+                } else if !vanished.is_empty() {
+                    for partition in &vanished {
+                        warn!(
+                            topic = %self.settings.topics[partition.0].name,
+                            partition = partition.1,
+                            "partition no longer exists: the topic was created again with fewer partitions"
+                        );
+                        self.positions.remove(partition);
+                        self.lineage_due.insert(partition.0);
+                    }
+                    self.reassign(source);
+                }
                 let new: Vec<(PartitionId, Start)> = found
                     .into_iter()
                     .filter(|p| !self.positions.contains_key(p))

@@ -615,3 +615,33 @@ fn readonly_after_a_demotion_shows_in_status_and_heals() {
     });
     drop(agent);
 }
+
+/// A topic recreated with fewer partitions while the agent runs: the
+/// partitions that no longer exist are dropped (they would never report a
+/// watermark), the topic is rewritten and swept, and the agent goes live.
+#[test]
+fn topic_recreated_with_fewer_partitions() {
+    let mut s = Setup::new("lineage-fewer", 3, false, 25);
+    old_and_new_lineage(&s.topic, &mut s.producer, &mut s.rng);
+    let mut config = AgentConfig::new(s.redis.url(), &s.topic, "device:");
+    // Topic IDs are read this often; the default is 5 minutes.
+    config.extra_agent = "partition_discovery_secs = 2".into();
+    let config = config.write(s.dir.path());
+    let agent = Agent::start(&config);
+    converges(&s.redis, &s.producer);
+
+    recreate_topic(&s.topic, 1);
+    let producer = new_lineage_records(&s.topic, &mut s.rng);
+    converges(&s.redis, &producer);
+    wait_until(CONVERGE, "live on the recreated topic", || {
+        s.redis.state().as_deref() == Some("live")
+    });
+    let status = s.redis.hgetall("edgecache:status");
+    assert!(
+        !status.contains_key(&format!("lag.{}/2", s.topic)),
+        "the vanished partition's lag is still reported: {status:?}"
+    );
+    let log = agent.log_text();
+    assert!(log.contains("partition no longer exists"), "{log}");
+    drop(agent);
+}
