@@ -1158,14 +1158,8 @@ impl Pipeline<'_> {
             *start = self.stored.start(partition.0, partition.1);
         }
         self.reassign(source);
-        self.log_start_unchecked = self
-            .positions
-            .iter()
-            .filter_map(|(&p, &s)| match s {
-                Start::At(next) => Some((p, next)),
-                Start::Earliest => None,
-            })
-            .collect();
+        let starts: Vec<_> = self.positions.iter().map(|(&p, &s)| (p, s)).collect();
+        self.log_start_unchecked = stored_starts(&starts);
         self.restart_catch_up();
         self.written_lag = None;
         let mut lineage = self.stored.lineage_pending.clone();
