@@ -1,8 +1,8 @@
 //! What a local app pays to read one device state, by way of reading it:
 //! a plain GET of the json store, FCALL_RO edgecache_get on the postcard
 //! and json stores, a GET of the postcard bytes (decoded by the client),
-//! and HGETALL of the same state as a hash of its top-level fields (what
-//! `store = "hash"` would write; not implemented yet).
+//! and the hash store (`store = "hash"`): HGETALL of the whole state, HGET
+//! of one field, and FCALL_RO edgecache_get on it.
 //!
 //! `cargo bench --bench read_cost` starts its own redis-server (no
 //! persistence, TCP on 127.0.0.1, like a local app), fills it with typical
@@ -149,6 +149,7 @@ fn main() {
         topic("j:", StoreFormat::Json),
         topic("c:", StoreFormat::Postcard),
         topic("d:", StoreFormat::Json),
+        topic("h:", StoreFormat::Hash),
     ];
     let _: String = redis::cmd("FUNCTION")
         .arg("LOAD")
@@ -191,16 +192,19 @@ fn main() {
             .arg(&out)
             .query(&mut conn)
             .unwrap();
-        // The hash layout: top-level fields, nested values as compact JSON.
-        let object: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&out).unwrap();
+        // `store = "hash"`: top-level fields, nested values as compact JSON.
+        codec::transcode(
+            InputFormat::Json,
+            StoreFormat::Hash,
+            text.as_bytes(),
+            None,
+            &mut fields,
+            &mut out,
+        )
+        .unwrap();
         let mut hset = redis::cmd("HSET");
         hset.arg(format!("h:{}", i % KEYS));
-        for (name, value) in object {
-            let text = match value {
-                serde_json::Value::String(s) => s,
-                other => other.to_string(),
-            };
+        for (name, text) in codec::hash_pairs(&out) {
             hash_bytes += name.len() + text.len();
             hset.arg(name).arg(text);
         }
@@ -242,7 +246,7 @@ fn main() {
         json_bytes / KEYS,
         hash_bytes / KEYS
     );
-    let rows: [Row; 7] = [
+    let rows: [Row; 9] = [
         ("GET, json store", "get", |i| {
             let mut c = redis::cmd("GET");
             c.arg(format!("j:{}", i % KEYS));
@@ -285,9 +289,19 @@ fn main() {
             c.arg(format!("p:{}", i % KEYS));
             c
         }),
-        ("HGETALL, hash of top-level fields", "hgetall", |i| {
+        ("HGETALL, hash store", "hgetall", |i| {
             let mut c = redis::cmd("HGETALL");
             c.arg(format!("h:{}", i % KEYS));
+            c
+        }),
+        ("HGET one field, hash store", "hget", |i| {
+            let mut c = redis::cmd("HGET");
+            c.arg(format!("h:{}", i % KEYS)).arg("temp_c");
+            c
+        }),
+        ("FCALL_RO edgecache_get, hash store", "fcall_ro", |i| {
+            let mut c = redis::cmd("FCALL_RO");
+            c.arg("edgecache_get").arg(1).arg(format!("h:{}", i % KEYS));
             c
         }),
     ];

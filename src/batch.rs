@@ -19,6 +19,10 @@ pub enum Op {
     Set(Vec<u8>),
     /// Set, expiring at this Unix time in milliseconds (per-topic TTL).
     SetUntil(Vec<u8>, i64),
+    /// The hash store: replace the key with a hash of these fields (packed
+    /// by `codec::encode_store`, never empty), expiring at the given Unix
+    /// time in milliseconds if any.
+    Hash(Vec<u8>, Option<i64>),
     Delete,
     /// Resync only: the key exists in Kafka (a record below the partition's
     /// stored offset, whose value Redis already has). Nothing is written;
@@ -147,7 +151,7 @@ impl Batch {
             // A write already in hand for this key (possible only when a key
             // appears in two partitions) must not be lost; it marks the key
             // seen or unseen itself.
-            Some(Op::Set(_) | Op::SetUntil(..) | Op::Delete) => {}
+            Some(Op::Set(_) | Op::SetUntil(..) | Op::Hash(..) | Op::Delete) => {}
             Some(existing) => *existing = op,
             None => {
                 self.n_bytes += key.len();
@@ -249,7 +253,7 @@ impl Batch {
 
 pub fn op_len(op: &Op) -> usize {
     match op {
-        Op::Set(value) | Op::SetUntil(value, _) => value.len(),
+        Op::Set(value) | Op::SetUntil(value, _) | Op::Hash(value, _) => value.len(),
         Op::Delete | Op::Seen | Op::Unseen => 0,
     }
 }

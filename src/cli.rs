@@ -2,7 +2,7 @@
 
 use crate::codec::{self, StoreFormat};
 use crate::config::{mask_url_password, Settings};
-use crate::sink::Sink;
+use crate::sink::{Sink, SinkError};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -168,11 +168,22 @@ async fn get(settings: &Settings, key: &[u8], meta: bool) -> ExitCode {
         Ok(sink) => sink,
         Err(code) => return code,
     };
-    let bytes = match sink.get_raw(key).await {
+    let read = match topic.store {
+        StoreFormat::Hash => sink.get_hash(key).await,
+        _ => sink.get_raw(key).await,
+    };
+    let bytes = match read {
         Ok(Some(bytes)) => bytes,
         Ok(None) => {
             eprintln!("edgecache: key not found");
             return ExitCode::FAILURE;
+        }
+        Err(SinkError::Refused { code, .. }) if code == "WRONGTYPE" => {
+            eprintln!(
+                "edgecache: the value is not valid {} data: the key holds another Redis type",
+                topic.store
+            );
+            return ExitCode::from(4);
         }
         Err(e) => {
             eprintln!("edgecache: {e}");

@@ -469,6 +469,13 @@ impl Settings {
                     "raw input has no JSON form; use store = \"raw\" or \"postcard\"".into(),
                 ));
             }
+            if topic.input == InputFormat::Raw && topic.store == StoreFormat::Hash {
+                return Err(err(
+                    &field("store"),
+                    "raw input has no fields to put in a hash; use store = \"raw\" or \"postcard\""
+                        .into(),
+                ));
+            }
             let only_matching = match &topic.only_keys_matching {
                 None => None,
                 Some(pattern) => Some(regex::bytes::Regex::new(pattern).map_err(|e| {

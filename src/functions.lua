@@ -756,12 +756,57 @@ local function boot()
   local VALUE_MEMO_MAX, VALUE_MEMO_BYTES = 2048, 512
   local value_memo, n_value_memo, memo_marker = {}, 0, false
 
+  -- The hash store (FORMAT.md, "The hash store"): a field's text is JSON
+  -- when it starts as JSON text does or is a JSON word, a string otherwise
+  -- (codec::hash_text_is_json).
+  local JSON_START = {['"'] = true, ['{'] = true, ['['] = true, ['-'] = true,
+    ['true'] = true, ['false'] = true, ['null'] = true}
+  for d = 0, 9 do JSON_START[tostring(d)] = true end
+  local function hash_corrupt(detail)
+    raise('EDGECACHE_CORRUPT', 'the value is not valid hash data: ' .. detail)
+  end
+  -- The JSON object of a hash store key, fields in HGETALL order. Not
+  -- memoised: the reply is many strings, not one to key a memo by.
+  local function hash_object(key)
+    local flat = redis.pcall('HGETALL', key)
+    if flat.err then
+      if sfind(flat.err, 'WRONGTYPE', 1, true) then
+        hash_corrupt('the key holds another Redis type')
+      end
+      error(flat.err)
+    end
+    if #flat == 0 then raise('EDGECACHE_NOT_FOUND', 'key not found') end
+    local out = {}
+    for i = 1, #flat, 2 do
+      local name, text = flat[i], flat[i + 1]
+      if not utf8_valid(name) then hash_corrupt('a field name is not valid UTF-8') end
+      local json
+      if JSON_START[ssub(text, 1, 1)] or JSON_START[text] then
+        json = json_document(text)
+        if not json then hash_corrupt('field ' .. quote(name) .. ' is not valid JSON') end
+      elseif utf8_valid(text) then
+        json = quote(text)
+      else
+        hash_corrupt('field ' .. quote(name) .. ' is not valid UTF-8')
+      end
+      out[#out + 1] = key_text(name) .. json
+    end
+    return '{' .. tconcat(out, ',') .. '}'
+  end
+
   local function read(key)
     local store = store_of(key)
     if not store then
       raise('EDGECACHE_NO_PREFIX', 'no configured key_prefix matches this key')
     end
-    local bytes = redis.call('GET', key)
+    if store == 'hash' then return store, hash_object(key) end
+    local bytes = redis.pcall('GET', key)
+    if type(bytes) == 'table' and bytes.err then
+      if sfind(bytes.err, 'WRONGTYPE', 1, true) then
+        raise('EDGECACHE_CORRUPT', 'the value is not valid ' .. store .. ' data: the key holds another Redis type')
+      end
+      error(bytes.err)
+    end
     if not bytes then raise('EDGECACHE_NOT_FOUND', 'key not found') end
     if #bytes > VALUE_MEMO_BYTES then return store, render(store, bytes) end
     if store == 'postcard' then

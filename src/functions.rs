@@ -29,6 +29,7 @@ pub fn library(namespace: &str, topics: &[TopicSettings]) -> String {
             StoreFormat::Postcard => "postcard",
             StoreFormat::Json => "json",
             StoreFormat::Raw => "raw",
+            StoreFormat::Hash => "hash",
         };
         out.push_str(&format!(
             "  {{{}, '{store}'}},\n",

@@ -644,11 +644,11 @@ impl Pipeline<'_> {
                 ));
             }
         }
-        let prefixes: Vec<Vec<u8>> = self
+        let prefixes: Vec<(Vec<u8>, bool)> = self
             .settings
             .topics
             .iter()
-            .map(|t| t.key_prefix.clone())
+            .map(|t| (t.key_prefix.clone(), t.store == codec::StoreFormat::Hash))
             .collect();
         match self.sink.denied_command(&prefixes).await {
             Ok(None) => None,
@@ -856,7 +856,11 @@ impl Pipeline<'_> {
                     let why = e.to_string();
                     return self.skip(partition, offset, SkipReason::Undecodable, &why);
                 }
+                let hash = topic.store == codec::StoreFormat::Hash;
                 match topic.ttl_ms {
+                    // `{}`: Redis has no empty hash, the key goes.
+                    _ if hash && self.encoded.is_empty() => Op::Delete,
+                    None if hash => Op::Hash(self.encoded.clone(), None),
                     None => Op::Set(self.encoded.clone()),
                     Some(ttl_ms) => {
                         let now = crate::sink::now_ms();
@@ -871,6 +875,8 @@ impl Pipeline<'_> {
                         if expire_at <= now {
                             // Already older than its TTL: the key must not exist.
                             Op::Delete
+                        } else if hash {
+                            Op::Hash(self.encoded.clone(), Some(expire_at))
                         } else {
                             Op::SetUntil(self.encoded.clone(), expire_at)
                         }
@@ -889,7 +895,7 @@ impl Pipeline<'_> {
         }
         // After any flush above: the names this value uses go with the
         // batch that holds it.
-        if matches!(op, Op::Set(_) | Op::SetUntil(..)) {
+        if matches!(op, Op::Set(_) | Op::SetUntil(..) | Op::Hash(..)) {
             for &id in self.fields.used() {
                 self.batch.use_field(id);
             }

@@ -16,7 +16,7 @@
 
 use crate::batch::{Batch, Op};
 use crate::checkpoint::{lineage_field, offset_field, StoredOffsets};
-use crate::codec::Fields;
+use crate::codec::{self, Fields};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
 use std::time::Duration;
@@ -36,9 +36,11 @@ const APPLY_SCRIPT: &str = r#"
 -- records filtered skipped_undecodable skipped_no_key skipped_oversize)
 -- septuples, n_sets values, then one (op, value) pair per remaining key:
 -- op "s" = SET value, "d" = DEL, "x<ms>" = SET value expiring at Unix time
--- <ms>. During a resync: the same op in upper case ("S", "D", "X<ms>") also
--- adds the key to the seen set (removes it for "D"); "n" / "u" only add /
--- remove it, writing nothing.
+-- <ms>; "h<n>" or "h<n>:<ms>" = replace the key with a hash (the hash
+-- store) of the n (field, value) pairs that follow the op instead of one
+-- value, expiring at <ms> if given. During a resync: the same op in upper
+-- case ("S", "D", "X<ms>", "H<n>") also adds the key to the seen set
+-- (removes it for "D"); "n" / "u" only add / remove it, writing nothing.
 --
 -- Redis keeps what a script wrote before an error, and a torn append-only
 -- file can keep any prefix of its effects. So: every check comes before
@@ -144,6 +146,14 @@ while done < n do
   done = done + chunk
 end
 k = k + n
+-- How many ARGV an op takes, itself included.
+local function width(op)
+  local c = string.sub(op, 1, 1)
+  if c == 'h' or c == 'H' then
+    return 1 + 2 * tonumber(string.match(op, '^.(%d+)'))
+  end
+  return 2
+end
 local general_from, general_a = k, a
 for k = k, #KEYS do
   local op = ARGV[a]
@@ -158,6 +168,20 @@ for k = k, #KEYS do
       redis.call('DEL', KEYS[k])
     elseif lower == 's' then
       redis.call('SET', KEYS[k], ARGV[a + 1])
+    elseif lower == 'h' then
+      -- The whole hash replaced: fields the record no longer has go too.
+      local pairs_n, at = string.match(op, '^.(%d+):?(%d*)$')
+      pairs_n = tonumber(pairs_n)
+      redis.call('DEL', KEYS[k])
+      done = 0
+      while done < pairs_n do
+        local chunk = math.min(pairs_n - done, 500)
+        redis.call('HSET', KEYS[k], unpack(ARGV, a + 1 + 2 * done, a + 2 * (done + chunk)))
+        done = done + chunk
+      end
+      if at ~= '' then
+        redis.call('PEXPIREAT', KEYS[k], at)
+      end
     else
       redis.call('SET', KEYS[k], ARGV[a + 1], 'PXAT', string.sub(op, 2))
     end
@@ -165,7 +189,7 @@ for k = k, #KEYS do
       redis.call(lower == 'd' and 'SREM' or 'SADD', KEYS[4], KEYS[k])
     end
   end
-  a = a + 2
+  a = a + width(op)
 end
 redis.call('HSET', KEYS[2], unpack(offsets))
 redis.call('HSET', KEYS[3],
@@ -186,7 +210,7 @@ if channel ~= '' then
     if c ~= 'n' and c ~= 'u' then
       redis.call('PUBLISH', channel, (c == 'd' and 'del ' or 'set ') .. KEYS[j])
     end
-    a = a + 2
+    a = a + width(ARGV[a])
   end
 end
 return #KEYS - 5
@@ -886,9 +910,17 @@ impl Sink {
         };
         let n_sets = batch.ops().filter(|(k, op)| group(k, op) == 0).count();
         let n_dels = batch.ops().filter(|(k, op)| group(k, op) == 1).count();
-        let n_general = batch.n_ops() - n_sets - n_dels;
+        // An op and its value, or a hash op and its (field, value) pairs.
+        let general_args: usize = batch
+            .ops()
+            .filter(|(k, op)| group(k, op) == 2)
+            .map(|(_, op)| match op {
+                Op::Hash(packed, _) => 1 + 2 * codec::hash_pairs(packed).count(),
+                _ => 2,
+            })
+            .sum();
         let n_keys = 5 + batch.n_ops();
-        let n_args = 8 + 2 * (used.len() + n_general) + 7 * batch.next_offsets().len() + n_sets;
+        let n_args = 8 + 2 * used.len() + general_args + 7 * batch.next_offsets().len() + n_sets;
         // Every key and value plus a few bytes per op and the meta arguments.
         let n_bytes = batch.n_bytes() + 24 * batch.n_ops() + 512;
         let mut command = redis::Cmd::with_capacity(3 + n_keys + n_args, n_bytes);
@@ -944,6 +976,18 @@ impl Sink {
                 }
                 (Op::SetUntil(value, at_ms), true) => {
                     command.arg(format!("X{at_ms}")).arg(value.as_slice())
+                }
+                (Op::Hash(packed, until), tracked) => {
+                    let n = codec::hash_pairs(packed).count();
+                    let letter = if tracked { 'H' } else { 'h' };
+                    match until {
+                        None => command.arg(format!("{letter}{n}")),
+                        Some(at_ms) => command.arg(format!("{letter}{n}:{at_ms}")),
+                    };
+                    for (name, text) in codec::hash_pairs(packed) {
+                        command.arg(name).arg(text);
+                    }
+                    &mut command
                 }
                 (Op::Delete, false) => command.arg("d").arg(""),
                 (Op::Delete, true) => command.arg("D").arg(""),
@@ -1065,6 +1109,19 @@ impl Sink {
             .await
     }
 
+    /// The fields of a hash store key in `HGETALL` order, packed as
+    /// `codec::pack_hash_pairs` packs them; None if the key does not exist.
+    /// A key of another type gives Redis's `WRONGTYPE` refusal.
+    pub async fn get_hash(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, SinkError> {
+        let key = key.to_vec();
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = self
+            .call(|mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await })
+            .await?;
+        Ok((!pairs.is_empty()).then(|| {
+            codec::pack_hash_pairs(pairs.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
+        }))
+    }
+
     /// Why Redis would refuse the agent's writes now, read from `INFO` (for
     /// `edgecache status` when the status hash is not being updated): a
     /// failed append-only or snapshot write (`MISCONF`), a replica
@@ -1145,7 +1202,7 @@ impl Sink {
     /// in the status.
     pub async fn denied_command(
         &mut self,
-        prefixes: &[Vec<u8>],
+        prefixes: &[(Vec<u8>, bool)],
     ) -> Result<Option<String>, SinkError> {
         let k = &self.keys;
         let mut checks: Vec<Vec<Vec<u8>>> = Vec::new();
@@ -1168,13 +1225,19 @@ impl Sink {
         add(&[b"SISMEMBER", k.seen.as_bytes(), b"x"]);
         add(&[b"TYPE", k.seen.as_bytes()]);
         add(&[b"DEL", k.seen.as_bytes()]);
-        for prefix in prefixes {
+        for (prefix, hash) in prefixes {
             let mut key = prefix.clone();
             key.extend_from_slice(b"edgecache-probe");
-            add(&[b"MSET", &key, b"v"]);
-            add(&[b"SET", &key, b"v", b"PXAT", b"1"]);
+            if *hash {
+                add(&[b"HSET", &key, b"f", b"v"]);
+                add(&[b"PEXPIREAT", &key, b"1"]);
+                add(&[b"HGETALL", &key]);
+            } else {
+                add(&[b"MSET", &key, b"v"]);
+                add(&[b"SET", &key, b"v", b"PXAT", b"1"]);
+                add(&[b"GET", &key]);
+            }
             add(&[b"DEL", &key]);
-            add(&[b"GET", &key]);
         }
         add(&[b"SCAN", b"0"]);
         add(&[b"EVALSHA", self.apply.get_hash().as_bytes(), b"0"]);

@@ -304,7 +304,7 @@ fn f_store_formats_read_back_with_get() {
     config.topics.clear();
     let value = r#"{"temp":21.5,"on":true,"tags":["a","b"],"n":-3}"#;
     let mut producers = Vec::new();
-    for store in ["postcard", "json", "raw"] {
+    for store in ["postcard", "json", "raw", "hash"] {
         let topic = unique(&format!("f-{store}"));
         create_topic(&topic, 2);
         let mut producer = TestProducer::new(&topic);
@@ -319,10 +319,13 @@ fn f_store_formats_read_back_with_get() {
     }
     let config = config.write(dir.path());
     let _agent = Agent::start(&config);
-    for (store, producer) in [StoreFormat::Postcard, StoreFormat::Json, StoreFormat::Raw]
-        .into_iter()
-        .zip(&producers)
-    {
+    let stores = [
+        StoreFormat::Postcard,
+        StoreFormat::Json,
+        StoreFormat::Raw,
+        StoreFormat::Hash,
+    ];
+    for (store, producer) in stores.into_iter().zip(&producers) {
         let prefix = format!("{store}:");
         assert_converges(&redis, &prefix, store, producer, CONVERGE);
         let key = format!("{store}:s1");
@@ -358,6 +361,17 @@ fn f_store_formats_read_back_with_get() {
         meta["ts_ms"].as_i64().unwrap() > 1_600_000_000_000,
         "{meta}"
     );
+    // The hash store: one field per top-level field, read with a plain HGET.
+    let field = |name: &str| -> Option<String> {
+        redis::cmd("HGET")
+            .arg("hash:s1")
+            .arg(name)
+            .query(&mut redis.conn())
+            .unwrap()
+    };
+    assert_eq!(field("temp").as_deref(), Some("21.5"));
+    assert_eq!(field("on").as_deref(), Some("true"));
+    assert_eq!(field("tags").as_deref(), Some(r#"["a","b"]"#));
     // Postcard is the compact one.
     assert!(redis.dump("postcard:")[b"postcard:s1".as_slice()].len() < value.len());
 }

@@ -212,6 +212,23 @@ proptest! {
             let (shown, _) = stored_to_json(store, &out, &fields).unwrap();
             prop_assert!(json_equivalent(&shown, &original), "{}: {} vs {}", store, shown, original);
         }
+        // The hash store: an object as it is, and any value as the field of
+        // one (strings that look like JSON keep their quotes).
+        let wrapped = Value::Map(vec![("v".into(), value.clone())]);
+        let wrapped_original = serde_json::json!({ "v": original });
+        for (value, original) in [(&value, &original), (&wrapped, &wrapped_original)] {
+            let mut fields = Fields::new();
+            match encode_store(StoreFormat::Hash, value, b"", None, &mut fields, &mut out) {
+                Ok(()) => {
+                    let (shown, _) = stored_to_json(StoreFormat::Hash, &out, &fields).unwrap();
+                    prop_assert!(json_equivalent(&shown, original), "hash: {} vs {}", shown, original);
+                }
+                Err(e) => {
+                    prop_assert!(!original.is_object(), "{}: {}", original, e);
+                    prop_assert!(matches!(e, DecodeError::NotAnObject(_)), "{}", e);
+                }
+            }
+        }
     }
 
     /// Any double becomes a Decimal or a Float that stands for exactly the

@@ -20,6 +20,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,10 +29,11 @@ use util::*;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-const STORES: [(StoreFormat, &str); 3] = [
+const STORES: [(StoreFormat, &str); 4] = [
     (StoreFormat::Postcard, "p:"),
     (StoreFormat::Json, "j:"),
     (StoreFormat::Raw, "r:"),
+    (StoreFormat::Hash, "h:"),
 ];
 
 fn topic(prefix: &str, store: StoreFormat) -> TopicSettings {
@@ -264,6 +266,9 @@ struct Case {
 fn corpus(fields: &mut Fields) -> Vec<Case> {
     let mut cases = Vec::new();
     let mut push = |store: StoreFormat, bytes: Vec<u8>, what: String| {
+        if store == StoreFormat::Hash && bytes.is_empty() {
+            return; // `{}`: the agent deletes the key
+        }
         let prefix = STORES.iter().find(|(s, _)| *s == store).unwrap().1;
         let key = format!("{prefix}{}", cases.len());
         cases.push(Case {
@@ -326,13 +331,55 @@ fn corpus(fields: &mut Fields) -> Vec<Case> {
                 push(store, out.clone(), what.clone());
             }
         }
+        // Every value as a field of the hash store too.
+        let wrapped = hash_wrap(&value);
+        if encode_store(StoreFormat::Hash, &wrapped, b"", None, fields, &mut out).is_ok() {
+            push(StoreFormat::Hash, out.clone(), format!("field of {what}"));
+        }
     }
     for (i, value) in samples(any_value(), 600).into_iter().enumerate() {
-        for store in [StoreFormat::Postcard, StoreFormat::Json] {
-            if encode_store(store, &value, b"", ts[i % 5], fields, &mut out).is_ok() {
+        let wrapped = hash_wrap(&value);
+        for (store, value) in [
+            (StoreFormat::Postcard, &value),
+            (StoreFormat::Json, &value),
+            (StoreFormat::Hash, &value),
+            (StoreFormat::Hash, &wrapped),
+        ] {
+            if encode_store(store, value, b"", ts[i % 5], fields, &mut out).is_ok() {
                 push(store, out.clone(), format!("{value:?}"));
             }
         }
+    }
+    // The hash store's quoting rule at its edges: strings that would read
+    // as JSON, and strings that only nearly would.
+    let edges = [
+        "", "true", "false", "null", "tru", "nullx", "True", "0", "-", "-1", "1.0", "9x", "\"",
+        "\"q\"", "{", "}", "[]", " 1", "x1", "é", "\u{7f}", "\n", "0x10", "NaN", "Infinity",
+    ];
+    let object = Value::Map(
+        edges
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (format!("s{i}"), Value::String((*e).to_owned())))
+            .collect(),
+    );
+    encode_store(StoreFormat::Hash, &object, b"", None, fields, &mut out).unwrap();
+    push(StoreFormat::Hash, out.clone(), "string edges".into());
+    // What another writer could leave in a hash: never from the agent.
+    let corrupt: [&[(&[u8], &[u8])]; 6] = [
+        &[(b"a", b"{\"x\":")],
+        &[(b"a", b"1.5.2")],
+        &[(b"a", b"\xff\xfe")],
+        &[(b"\xff", b"1")],
+        &[(b"a", b"-")],
+        &[(b"a", b"\"unterminated")],
+    ];
+    for pairs in corrupt {
+        push(
+            StoreFormat::Hash,
+            codec::pack_hash_pairs(pairs.iter().copied()),
+            "corrupt hash".into(),
+        );
     }
     // Floats of every kind, many per key: every bit pattern class, and
     // Decimals of every scale.
@@ -380,11 +427,17 @@ fn corpus(fields: &mut Fields) -> Vec<Case> {
         push(StoreFormat::Postcard, out.clone(), "decimals".into());
     }
     for stored in seeds("stored_value") {
-        for (store, _) in STORES {
+        for (store, _) in &STORES[..3] {
+            let store = *store;
             push(store, stored.clone(), "stored_value seed".into());
         }
     }
     cases
+}
+
+/// A value as the one field of an object, for the hash store.
+fn hash_wrap(value: &Value) -> Value {
+    Value::Map(vec![("v".into(), value.clone())])
 }
 
 /// What `edgecache get` prints for these bytes (its own function, the
@@ -490,23 +543,39 @@ fn functions_python_and_get_agree_on_every_corpus_value() {
         .query(&mut conn)
         .unwrap();
     for chunk in cases.chunks(500) {
-        let mut mset = redis::cmd("MSET");
+        let mut pipe = redis::pipe();
         for case in chunk {
-            mset.arg(&case.key).arg(&case.bytes);
+            if case.store == StoreFormat::Hash {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&case.key);
+                for (name, text) in codec::hash_pairs(&case.bytes) {
+                    hset.arg(name).arg(text);
+                }
+                pipe.add_command(hset).ignore();
+            } else {
+                pipe.set(&case.key, &case.bytes).ignore();
+            }
         }
-        let _: () = mset.query(&mut conn).unwrap();
+        let _: () = pipe.query(&mut conn).unwrap();
     }
     let keys: Vec<&str> = cases.iter().map(|c| c.key.as_str()).collect();
     let functions = fcall_mget(&mut conn, &keys);
     let python = python_reader(
         &redis.url(),
         namespace,
-        &["p:=postcard", "j:=json", "r:=raw"],
+        &["p:=postcard", "j:=json", "r:=raw", "h:=hash"],
         &keys,
     );
+    // `edgecache get` reads a hash in HGETALL order, which is Redis's own
+    // beyond the small (listpack) hashes: read the fields back as it does.
+    let hashes = redis.dump("h:");
     let (mut n_ok, mut n_err) = (0, 0);
     for ((case, function), python) in cases.iter().zip(&functions).zip(&python) {
-        let expected = get_output(case.store, &case.bytes, &fields);
+        let bytes = match case.store {
+            StoreFormat::Hash => &hashes[case.key.as_bytes()],
+            _ => &case.bytes,
+        };
+        let expected = get_output(case.store, bytes, &fields);
         let context = format!(
             "{} ({}, {}): bytes {}",
             case.key,
@@ -809,5 +878,158 @@ fn agent_installs_functions_that_match_get() {
     );
     all_written(&redis);
     check_all(&redis);
+    assert!(agent.is_running());
+}
+
+/// `store = "hash"` end to end with the agent: plain `HGET` reads a field;
+/// a record replaces the whole hash (a field it lacks is gone), `{}` and a
+/// tombstone delete, a value that is not an object is skipped and counted
+/// (the key keeps its last object), a foreign string at a mirrored key is
+/// replaced; `edgecache get`, `FCALL_RO edgecache_get` and the Python
+/// reader print the same object; the TTL applies to the hash; a Redis that
+/// lost everything gets every hash back; a resync after missed deletes
+/// sweeps hash keys like any other.
+#[test]
+fn hash_store_end_to_end() {
+    let mut redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("read-hash");
+    create_topic(&topic, 2);
+    let mut config = AgentConfig::new(redis.url(), &topic, "h:");
+    config.topics[0].3 = "hash";
+    let ttl_topic = unique("read-hash-ttl");
+    create_topic(&ttl_topic, 1);
+    let config_path = config.write(dir.path());
+    // The TTL topic in the same file (AgentConfig has no per-topic extras).
+    let mut text = std::fs::read_to_string(&config_path).unwrap();
+    text.push_str(&format!(
+        "[[topics]]\nname = \"{ttl_topic}\"\nkey_prefix = \"ht:\"\nstore = \"hash\"\nttl_secs = 3600\n"
+    ));
+    std::fs::write(&config_path, text).unwrap();
+    let state = r#"{"device":"sensor-1","temp_c":21.5,"status":"online","fw":"1.0","flag":"true","empty":"","nested":{"a":[1,{"b":null}]},"big":9223372036854775807,"z":-0.0,"s":"é\n\"q\""}"#;
+    let mut producer = TestProducer::new(&topic);
+    producer.put("k0", Some(state));
+    producer.put("k1", Some(r#"{"a":1,"b":2}"#));
+    producer.put("k1", Some(r#"{"a":3}"#));
+    producer.put("k2", Some(r#"{"x":1}"#));
+    producer.put("k2", Some("{}"));
+    producer.put("k3", Some(r#"{"x":1}"#));
+    producer.put("k3", Some("42"));
+    producer.put("k4", Some(r#"{"y":1}"#));
+    producer.put("k4", None);
+    producer.put("k5", Some("[1,2]"));
+    producer.put("k6", Some(r#"{"z":1}"#));
+    producer.flush();
+    let mut ttl_producer = TestProducer::new(&ttl_topic);
+    ttl_producer.put("t0", Some(r#"{"on":true}"#));
+    ttl_producer.flush();
+    // A foreign string where a record will put a hash, and one where none will.
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("h:k6")
+        .arg("foreign")
+        .query(&mut conn)
+        .unwrap();
+    let mut agent = Agent::start(&config_path);
+    let expected: BTreeMap<Vec<u8>, serde_json::Value> = [
+        ("h:k0", state),
+        ("h:k1", r#"{"a":3}"#),
+        ("h:k3", r#"{"x":1}"#),
+        ("h:k6", r#"{"z":1}"#),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.as_bytes().to_vec(), serde_json::from_str(v).unwrap()))
+    .collect();
+    let converged = |redis: &Redis| {
+        wait_until(CONVERGE, "the hash keyspace to equal the oracle", || {
+            actual_json(redis, "h:", StoreFormat::Hash) == expected
+                && redis.dump("ht:").len() == 1
+                && redis.status_counter("records") + redis.status_counter("skipped_undecodable")
+                    >= 12
+        });
+    };
+    converged(&redis);
+    assert_eq!(
+        redis.status_counter("skipped_undecodable"),
+        2,
+        "42 and [1,2]"
+    );
+    let hget = |redis: &Redis, key: &str, field: &str| -> Option<String> {
+        redis::cmd("HGET")
+            .arg(key)
+            .arg(field)
+            .query(&mut redis.conn())
+            .unwrap()
+    };
+    assert_eq!(hget(&redis, "h:k0", "temp_c").as_deref(), Some("21.5"));
+    assert_eq!(hget(&redis, "h:k0", "status").as_deref(), Some("online"));
+    assert_eq!(hget(&redis, "h:k0", "fw").as_deref(), Some("\"1.0\""));
+    assert_eq!(hget(&redis, "h:k0", "flag").as_deref(), Some("\"true\""));
+    assert_eq!(hget(&redis, "h:k0", "empty").as_deref(), Some(""));
+    assert_eq!(
+        hget(&redis, "h:k0", "big").as_deref(),
+        Some("9223372036854775807")
+    );
+    assert_eq!(
+        hget(&redis, "h:k0", "nested").as_deref(),
+        Some(r#"{"a":[1,{"b":null}]}"#)
+    );
+    assert_eq!(
+        hget(&redis, "h:k1", "b"),
+        None,
+        "a field the record lacks is gone"
+    );
+    let pttl: i64 = redis::cmd("PTTL").arg("ht:t0").query(&mut conn).unwrap();
+    assert!(pttl > 3_000_000 && pttl <= 3_600_000, "PTTL {pttl}");
+    // Three readers, one text.
+    let keys = ["h:k0", "h:k1", "h:k3", "h:k6", "ht:t0"];
+    let python = python_reader(&redis.url(), "edgecache", &["h:=hash", "ht:=hash"], &keys);
+    for (key, python) in keys.iter().zip(python) {
+        let (code, expected) = cli_get(&config_path, key, false);
+        assert_eq!(code, 0, "edgecache get {key}");
+        let (got, stderr) = redis_cli(&redis, &["FCALL_RO", "edgecache_get", "1", key]);
+        assert_eq!(got, expected, "{key}: {stderr}");
+        assert_eq!(python, Ok(expected.clone()), "python reader, {key}");
+        let (code, meta) = cli_get(&config_path, key, true);
+        assert_eq!(code, 0);
+        let (got, _) = redis_cli(&redis, &["FCALL_RO", "edgecache_get_meta", "1", key]);
+        assert_eq!(got, meta, "{key} --meta");
+    }
+    let (_, k0) = cli_get(&config_path, "h:k0", false);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&k0).unwrap(),
+        serde_json::from_str::<serde_json::Value>(state).unwrap()
+    );
+    // Deleted and missing keys; a string where a hash belongs.
+    for key in ["h:k2", "h:k4", "h:k5"] {
+        let (got, _) = redis_cli(&redis, &["FCALL_RO", "edgecache_get", "1", key]);
+        assert_eq!(got, "EDGECACHE_NOT_FOUND key not found", "{key}");
+        assert_eq!(cli_get(&config_path, key, false).0, 1, "{key}");
+    }
+    let _: () = redis::cmd("SET")
+        .arg("h:foreign")
+        .arg("x")
+        .query(&mut conn)
+        .unwrap();
+    let (got, _) = redis_cli(&redis, &["FCALL_RO", "edgecache_get", "1", "h:foreign"]);
+    assert_eq!(
+        got,
+        "EDGECACHE_CORRUPT the value is not valid hash data: the key holds another Redis type"
+    );
+    assert_eq!(cli_get(&config_path, "h:foreign", false).0, 4);
+    let _: () = redis::cmd("DEL").arg("h:foreign").query(&mut conn).unwrap();
+    // Live updates replace the hash whole.
+    producer.put("k1", Some(r#"{"c":"x"}"#));
+    producer.flush();
+    wait_until(CONVERGE, "the live update", || {
+        hget(&redis, "h:k1", "c").as_deref() == Some("x") && hget(&redis, "h:k1", "a").is_none()
+    });
+    let mut expected = expected;
+    expected.insert(b"h:k1".to_vec(), serde_json::json!({"c": "x"}));
+    // Redis lost everything: every hash comes back.
+    redis.restart();
+    wait_until(CONVERGE, "the rehydrate after a lost Redis", || {
+        actual_json(&redis, "h:", StoreFormat::Hash) == expected && redis.dump("ht:").len() == 1
+    });
     assert!(agent.is_running());
 }

@@ -10,6 +10,8 @@
 
 mod util;
 
+use edgecache::codec::StoreFormat;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use util::*;
@@ -108,12 +110,27 @@ fn assert_confined(redis: &Redis, foreign: &[(String, String)]) {
 
 #[test]
 fn missed_tombstones_are_resynced() {
+    missed_tombstones(StoreFormat::Postcard);
+}
+
+/// The same with `store = "hash"`: the sweep deletes hashes like strings.
+#[test]
+fn missed_tombstones_are_resynced_in_the_hash_store() {
+    missed_tombstones(StoreFormat::Hash);
+}
+
+fn missed_tombstones(store: StoreFormat) {
     let topic = unique("missed-tombstones");
     create_topic_configs(&topic, 2, &FAST_CLEANING);
     let redis = Redis::start(true);
     let foreign = foreign_keys(&redis);
     let dir = tempfile::tempdir().unwrap();
-    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut config = AgentConfig::new(redis.url(), &topic, "device:");
+    config.topics[0].3 = match store {
+        StoreFormat::Hash => "hash",
+        _ => "postcard",
+    };
+    let config = config.write(dir.path());
     let mut producer = TestProducer::new(&topic);
     for i in 0..40 {
         producer.put(&format!("sensor-{i}"), Some(&format!("{{\"v\":{i}}}")));
@@ -121,7 +138,7 @@ fn missed_tombstones_are_resynced() {
     producer.flush();
 
     let mut agent = Agent::start(&config);
-    converges(&redis, &producer);
+    assert_converges(&redis, "device:", store, &producer, CONVERGE);
     agent.sigterm();
     let stopped = Instant::now();
     let records_before = redis.status_counter("records");
@@ -161,13 +178,7 @@ fn missed_tombstones_are_resynced() {
         .count() as u64;
 
     let agent = Agent::start(&config);
-    assert_converges(
-        &redis,
-        "device:",
-        edgecache::codec::StoreFormat::Postcard,
-        &producer,
-        CONVERGE,
-    );
+    assert_converges(&redis, "device:", store, &producer, CONVERGE);
     wait_until(CONVERGE, "the resync to finish", || {
         redis.state().as_deref() == Some("live")
     });

@@ -412,11 +412,23 @@ impl Redis {
 
     /// Every key and its raw value under `prefix`, as one atomic snapshot
     /// (a script), so a key deleted mid-scan cannot show up half-read.
+    /// Every key under `prefix` and its value; a hash (the hash store) as
+    /// its fields packed as `codec::pack_hash_pairs` packs them.
     pub fn dump(&self, prefix: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
         let script = redis::Script::new(
             "local out = {} \
              for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
-               out[#out + 1] = k; out[#out + 1] = redis.call('GET', k) \
+               local v \
+               if redis.call('TYPE', k)['ok'] == 'hash' then \
+                 local parts = {} \
+                 for _, f in ipairs(redis.call('HGETALL', k)) do \
+                   parts[#parts + 1] = struct.pack('<I4', #f) .. f \
+                 end \
+                 v = table.concat(parts) \
+               else \
+                 v = redis.call('GET', k) \
+               end \
+               out[#out + 1] = k; out[#out + 1] = v \
              end return out",
         );
         let flat: Vec<Vec<u8>> = script

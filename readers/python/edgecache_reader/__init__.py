@@ -1,7 +1,7 @@
 """Read what edgecache mirrored into Redis, decoded on the client side.
 
 Decodes the postcard store (FORMAT.md, stored formats 2 and 1), the json
-store and the raw store into Python values, and prints any of them as
+store, the raw store and the hash store into Python values, and prints any of them as
 exactly the JSON text ``edgecache get`` prints::
 
     import redis
@@ -25,6 +25,8 @@ import json
 import math
 import struct
 
+from redis import exceptions as redis_errors
+
 __all__ = [
     "Reader",
     "ReadError",
@@ -32,6 +34,7 @@ __all__ = [
     "NoPrefix",
     "Corrupt",
     "decode_stored",
+    "hash_text_is_json",
     "parse_json",
     "to_json",
 ]
@@ -336,6 +339,11 @@ def to_json(value):
     raise TypeError("not a decoded value: %r" % (value,))
 
 
+def hash_text_is_json(text):
+    """Whether a hash store field's text is read as JSON (FORMAT.md)."""
+    return text[:1] in (b'"', b"{", b"[", b"-") or text[:1].isdigit() or text in (b"true", b"false", b"null")
+
+
 def _key_bytes(key):
     return key.encode("utf-8") if isinstance(key, str) else bytes(key)
 
@@ -344,7 +352,7 @@ class Reader:
     """Reads mirrored keys through a redis-py client.
 
     ``prefixes`` maps each topic's ``key_prefix`` to its ``store``
-    (``"postcard"``, ``"json"`` or ``"raw"``), as in the agent's
+    (``"postcard"``, ``"json"``, ``"raw"`` or ``"hash"``), as in the agent's
     configuration; ``namespace`` is ``redis.namespace``.
     """
 
@@ -352,7 +360,7 @@ class Reader:
         self.client = client
         self.prefixes = [(_key_bytes(p), s) for p, s in prefixes.items()]
         for _, store in self.prefixes:
-            if store not in ("postcard", "json", "raw"):
+            if store not in ("postcard", "json", "raw", "hash"):
                 raise ValueError("unknown store %r" % store)
         self.fields_key = namespace + ":fields"
         self.marker_key = namespace + ":marker"
@@ -379,11 +387,58 @@ class Reader:
                 names[int(digits)] = name.decode("utf-8")
         self._names = names
 
+    def _get(self, key, store):
+        try:
+            return self.client.get(key)
+        except redis_errors.ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise Corrupt(
+                    "the value is not valid %s data: the key holds another Redis type" % store
+                ) from None
+            raise
+
+    def _read_hash(self, key):
+        # FORMAT.md, "The hash store": a field's text is JSON when it starts
+        # as JSON text does or is a JSON word, a string otherwise.
+        try:
+            fields = self.client.hgetall(key)
+        except redis_errors.ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise Corrupt(
+                    "the value is not valid hash data: the key holds another Redis type"
+                ) from None
+            raise
+        if not fields:
+            raise NotFound("key not found")
+        out = {}
+        for name, text in fields.items():
+            try:
+                name = name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Corrupt("the value is not valid hash data: a field name is not valid UTF-8") from None
+            if hash_text_is_json(text):
+                try:
+                    out[name] = parse_json(text)
+                except ValueError:
+                    raise Corrupt(
+                        "the value is not valid hash data: field %s is not valid JSON" % _string_text(name)
+                    ) from None
+            else:
+                try:
+                    out[name] = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise Corrupt(
+                        "the value is not valid hash data: field %s is not valid UTF-8" % _string_text(name)
+                    ) from None
+        return out
+
     def read(self, key):
         """``(store, value, ts_ms)`` of a key; ts_ms is None but for postcard."""
         store = self.store_of(key)
+        if store == "hash":
+            return store, self._read_hash(key), None
         if store != "postcard":
-            data = self.client.get(key)
+            data = self._get(key, store)
             if data is None:
                 raise NotFound("key not found")
             try:
