@@ -750,7 +750,8 @@ local function boot()
 
   -- Apps read a value many times between updates: the JSON text of recent
   -- values (stored values of up to VALUE_MEMO_BYTES, VALUE_MEMO_MAX of them,
-  -- a few MB of Lua memory at most) is kept by store and stored bytes. A
+  -- a few MB of Lua memory at most) is kept by store and stored bytes (for
+  -- a hash, the string hash_fields makes of its fields). A
   -- postcard text depends on the field table too, which is stable under
   -- one marker: a new marker empties the memo.
   local VALUE_MEMO_MAX, VALUE_MEMO_BYTES = 2048, 512
@@ -765,9 +766,9 @@ local function boot()
   local function hash_corrupt(detail)
     raise('EDGECACHE_CORRUPT', 'the value is not valid hash data: ' .. detail)
   end
-  -- The JSON object of a hash store key, fields in HGETALL order. Not
-  -- memoised: the reply is many strings, not one to key a memo by.
-  local function hash_object(key)
+  -- A hash store key's HGETALL reply, and one string that stands for it
+  -- (each part with its length before it), to key the memo below by.
+  local function hash_fields(key)
     local flat = redis.pcall('HGETALL', key)
     if flat.err then
       if sfind(flat.err, 'WRONGTYPE', 1, true) then
@@ -776,6 +777,12 @@ local function boot()
       error(flat.err)
     end
     if #flat == 0 then raise('EDGECACHE_NOT_FOUND', 'key not found') end
+    local parts = {}
+    for i = 1, #flat do parts[i] = #flat[i] .. ':' .. flat[i] end
+    return flat, tconcat(parts)
+  end
+  -- The JSON object of a hash store key, fields in HGETALL order.
+  local function hash_object(flat)
     local out = {}
     for i = 1, #flat, 2 do
       local name, text = flat[i], flat[i + 1]
@@ -799,16 +806,24 @@ local function boot()
     if not store then
       raise('EDGECACHE_NO_PREFIX', 'no configured key_prefix matches this key')
     end
-    if store == 'hash' then return store, hash_object(key) end
-    local bytes = redis.pcall('GET', key)
-    if type(bytes) == 'table' and bytes.err then
-      if sfind(bytes.err, 'WRONGTYPE', 1, true) then
-        raise('EDGECACHE_CORRUPT', 'the value is not valid ' .. store .. ' data: the key holds another Redis type')
+    local bytes, flat
+    if store == 'hash' then
+      flat, bytes = hash_fields(key)
+    else
+      bytes = redis.pcall('GET', key)
+      if type(bytes) == 'table' and bytes.err then
+        if sfind(bytes.err, 'WRONGTYPE', 1, true) then
+          raise('EDGECACHE_CORRUPT', 'the value is not valid ' .. store .. ' data: the key holds another Redis type')
+        end
+        error(bytes.err)
       end
-      error(bytes.err)
+      if not bytes then raise('EDGECACHE_NOT_FOUND', 'key not found') end
     end
-    if not bytes then raise('EDGECACHE_NOT_FOUND', 'key not found') end
-    if #bytes > VALUE_MEMO_BYTES then return store, render(store, bytes) end
+    local function render_it()
+      if flat then return hash_object(flat) end
+      return render(store, bytes)
+    end
+    if #bytes > VALUE_MEMO_BYTES then return store, render_it() end
     if store == 'postcard' then
       local marker = redis.call('GET', MARKER_KEY)
       -- No marker, no agent keeping the table stable: no memo.
@@ -824,7 +839,7 @@ local function boot()
     end
     local hit = memo[bytes]
     if hit then return store, hit[1], hit[2] end
-    local json, ts = render(store, bytes)
+    local json, ts = render_it()
     if n_value_memo >= VALUE_MEMO_MAX then
       value_memo, n_value_memo = {[store] = {}}, 0
       memo = value_memo[store]
