@@ -19,6 +19,9 @@
 //!   EDGECACHE_BENCH_AGENT        experiment: `k=v,k=v` for the agent's [agent] table,
 //!                                e.g. max_batch_records=256,memory_budget_mib=16
 //!   EDGECACHE_BENCH_KAFKA_PROPERTIES  experiment: `k=v,k=v` added to the agent's [kafka.properties]
+//!   EDGECACHE_BENCH_HOG          CPU hogs (busy shell loops) running during every agent
+//!                                rehydrate, to measure peak RSS with the agent starved (0)
+//!   EDGECACHE_BENCH_HOG_NICE     their niceness (10: the agent's own while it catches up)
 //!   EDGECACHE_TEST_BROKERS       broker list (127.0.0.1:39092), as for the tests
 //!
 //! Progress goes to stderr; the result is a Markdown table on stdout, so
@@ -1156,6 +1159,41 @@ struct RehydrateRun {
     redis_keys: u64,
 }
 
+/// `EDGECACHE_BENCH_HOG` busy loops at `EDGECACHE_BENCH_HOG_NICE`, killed
+/// when dropped: a machine whose CPU the agent must share, so that
+/// librdkafka's fetcher threads run ahead of the pipeline and every buffer
+/// the budget bounds fills up.
+struct Hogs(Vec<Child>);
+
+impl Hogs {
+    fn start() -> Hogs {
+        let n: usize = std::env::var("EDGECACHE_BENCH_HOG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let nice = std::env::var("EDGECACHE_BENCH_HOG_NICE").unwrap_or_else(|_| "10".into());
+        Hogs(
+            (0..n)
+                .map(|_| {
+                    Command::new("nice")
+                        .args(["-n", &nice, "sh", "-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("nice and sh")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// One timed rehydrate: the default config, an empty Redis of its own.
 fn rehydrate_run(
     bin: &Path,
@@ -1180,6 +1218,7 @@ fn watch_rehydrate(
 ) -> RehydrateRun {
     let total: i64 = highs.values().sum();
     let mut conn = redis.conn();
+    let _hogs = Hogs::start();
     let start = Instant::now();
     let mut agent = Agent::start(bin, config);
     let mut first = None;
