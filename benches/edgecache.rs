@@ -9,7 +9,7 @@
 //!   EDGECACHE_BENCH_RECORDS      records preloaded for the rehydrate (1_000_000); keys = records/10
 //!   EDGECACHE_BENCH_RUNS         rehydrate runs, median reported (3)
 //!   EDGECACHE_BENCH_NAIVE_RUNS   naive-reference runs (same as RUNS)
-//!   EDGECACHE_BENCH_PEER_RUNS    side-by-side rounds (same as RUNS, at least 1): edgecache
+//!   EDGECACHE_BENCH_PEER_RUNS    side-by-side rounds (same as RUNS; 0 skips them): edgecache
 //!                                (postcard, json), kcat | awk | redis-cli, Python;
 //!                                AOF everysec and off. kcat and python3 must be there.
 //!   EDGECACHE_BENCH_BASELINE_BIN another agent binary (e.g. main's) run side by side too
@@ -217,7 +217,9 @@ fn main() {
         &compact,
         &sizes,
     );
-    println!("{}", peers::print(&side, p.records));
+    if !side.is_empty() {
+        println!("{}", peers::print(&side, p.records));
+    }
     progress(&format!("raw samples in {}", out_dir.display()));
     // A full run writes ~200 MB to the broker; do not let reruns pile up.
     delete_topics(
@@ -365,7 +367,7 @@ impl Params {
             keys: records / 10,
             runs,
             naive_runs: var("EDGECACHE_BENCH_NAIVE_RUNS", runs as u64) as usize,
-            peer_runs: var("EDGECACHE_BENCH_PEER_RUNS", runs as u64).max(1) as usize,
+            peer_runs: var("EDGECACHE_BENCH_PEER_RUNS", runs as u64) as usize,
             live_secs: var("EDGECACHE_BENCH_LIVE_SECS", 5).max(1),
             compact_keys: var("EDGECACHE_BENCH_COMPACT_KEYS", 100_000).max(100),
         }

@@ -267,24 +267,45 @@ pub struct Limits {
     pub max_batch_bytes: usize,
     pub max_value_bytes: usize,
     pub queued_max_messages_kbytes: usize,
+    pub queued_min_messages: usize,
     pub fetch_max_bytes: usize,
     pub max_partition_fetch_bytes: usize,
 }
 
+/// What the agent's process holds whatever its buffers: the pages of the
+/// binary it runs, librdkafka's threads and their stacks, the allocator's
+/// per-thread arenas, the Redis client's buffers (BENCHMARKS.md, "Peak RSS":
+/// 9 MiB idle, 7 MiB of it the binary). The buffers share what is left, so
+/// the budget bounds the whole process, not the buffers alone.
+pub const FIXED_COST_MIB: usize = 10;
+
+/// What one prefetched record costs librdkafka beyond its key and value
+/// (its op and message headers), which `queued.max.messages.kbytes` does
+/// not count; the record count cap keeps that overhead inside the queue's
+/// share too.
+const QUEUED_RECORD_OVERHEAD: usize = 512;
+
 impl Limits {
     pub fn from_budget(budget_mib: u32, max_batch_records: usize) -> Limits {
         let budget = budget_mib as usize * 1024 * 1024;
-        let fetch_max_bytes = budget / 8;
+        // Small budgets keep at least half for the buffers (the fixed cost
+        // then exceeds the budget: it cannot be promised below ~16 MiB).
+        let buffers = budget - (FIXED_COST_MIB << 20).min(budget / 2);
+        let queue_bytes = buffers / 4;
+        let fetch_max_bytes = buffers / 8;
         Limits {
             memory_budget_bytes: budget,
             max_batch_records: max_batch_records.min(BATCH_CAPACITY),
             // Two batches exist at once: one in flight to Redis, one filling.
-            max_batch_bytes: budget / 16,
+            max_batch_bytes: buffers / 16,
             // At least 1 MiB: every record a topic with Kafka's default
             // max.message.bytes accepts is mirrored, even on a small budget
             // (one such value fits an empty batch whatever its byte cap).
             max_value_bytes: (budget / 32).clamp(1024 * 1024, 16 * 1024 * 1024),
-            queued_max_messages_kbytes: budget / 4 / 1024,
+            queued_max_messages_kbytes: queue_bytes / 1024,
+            // Half the queue's share for the records' overhead: small
+            // records stop at this count before the byte cap.
+            queued_min_messages: (queue_bytes / 2 / QUEUED_RECORD_OVERHEAD).clamp(1000, 10_000),
             fetch_max_bytes,
             max_partition_fetch_bytes: (fetch_max_bytes / 4).min(1024 * 1024),
         }
@@ -591,7 +612,10 @@ impl Settings {
                 "queued.max.messages.kbytes",
                 limits.queued_max_messages_kbytes.to_string(),
             ),
-            ("queued.min.messages", "10000".into()),
+            (
+                "queued.min.messages",
+                limits.queued_min_messages.to_string(),
+            ),
             // librdkafka (>= 2.2) waits this long before fetching again once
             // the queue above is full; its 1 s default made a rehydrate idle
             // most of the time (18k -> 142k records/s, BENCHMARKS.md).
@@ -750,16 +774,29 @@ key_prefix = "device:"
         assert_eq!(settings.topics[0].store, StoreFormat::Postcard);
         let limits = settings.limits;
         assert_eq!(limits.memory_budget_bytes, 24 << 20);
-        assert_eq!(limits.queued_max_messages_kbytes, 6 << 10);
+        // 24 MiB less the fixed 10 MiB: 14 MiB of buffers.
+        assert_eq!(limits.queued_max_messages_kbytes, 3584);
+        assert_eq!(limits.queued_min_messages, 3584);
+        assert_eq!(limits.fetch_max_bytes, 1792 << 10);
+        assert_eq!(limits.max_batch_bytes, 896 << 10);
         assert_eq!(limits.max_value_bytes, 1 << 20);
         assert_eq!(
             settings.kafka_properties["queued.max.messages.kbytes"],
-            "6144"
+            "3584"
         );
+        assert_eq!(settings.kafka_properties["queued.min.messages"], "3584");
         assert_eq!(
             settings.kafka_properties["receive.message.max.bytes"],
-            ((3 << 20) + 512).to_string()
+            ((1792 << 10) + 512).to_string()
         );
+        // Small budgets keep half for the buffers; large ones all but 10 MiB.
+        assert_eq!(Limits::from_budget(8, 128).queued_max_messages_kbytes, 1024);
+        assert_eq!(Limits::from_budget(8, 128).queued_min_messages, 1024);
+        assert_eq!(
+            Limits::from_budget(256, 128).queued_max_messages_kbytes,
+            246 << 8
+        );
+        assert_eq!(Limits::from_budget(256, 128).queued_min_messages, 10_000);
         assert_eq!(Limits::from_budget(4, 128).max_value_bytes, 1 << 20);
         assert_eq!(Limits::from_budget(256, 128).max_value_bytes, 8 << 20);
         assert_eq!(Limits::from_budget(4096, 128).max_value_bytes, 16 << 20);
