@@ -1,8 +1,8 @@
 //! Decoding what arrives from Kafka and encoding what is stored in Redis.
 //!
 //! This is the only module that derives serde for stored data; FORMAT.md is
-//! the normative description of the bytes produced here, and the unit tests
-//! at the bottom check its hex vectors.
+//! the normative description of the bytes produced here, and
+//! `postcard::tests::format_md_vectors` checks its hex vectors.
 //!
 //! Every decoder here sees outside bytes, so none of them may panic: bad
 //! input is an [`DecodeError`] and the pipeline skips and counts the record.
