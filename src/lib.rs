@@ -58,17 +58,18 @@ mod architecture {
 
     const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
+    /// The `.rs` files under `dir`, module folders (`src/codec/`) included.
     fn rust_files(dir: &str) -> Vec<(String, String)> {
-        let mut files: Vec<(String, String)> = std::fs::read_dir(Path::new(ROOT).join(dir))
-            .unwrap()
-            .filter_map(|entry| {
-                let path = entry.ok()?.path();
-                (path.extension()? == "rs").then(|| {
-                    let name = format!("{dir}/{}", path.file_name().unwrap().to_str().unwrap());
-                    (name, std::fs::read_to_string(&path).unwrap())
-                })
-            })
-            .collect();
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(Path::new(ROOT).join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = format!("{dir}/{}", path.file_name().unwrap().to_str().unwrap());
+            if dir == "src" && path.is_dir() {
+                files.extend(rust_files(&name));
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push((name, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
         files.sort();
         files
     }

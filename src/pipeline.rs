@@ -174,8 +174,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         catch_up_started: Instant::now(),
         records_since_start: 0,
         last_apply: Instant::now(),
-        last_discover: Instant::now(),
-        discovering: None,
+        discovery: Poller::from_answer(Instant::now()),
         bad_logged: 0,
         bad_suppressed: 0,
         bad_window: Instant::now(),
@@ -189,17 +188,14 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         caught_up_ms: 0,
         caught_up_written: None,
         retention: None,
-        retention_task: None,
-        retention_tried: None,
+        retention_poll: Poller::from_start(None),
         log_start_unchecked: BTreeMap::new(),
         redis_problem: None,
         retrying: false,
         lineage_due: BTreeSet::new(),
-        discover_now: false,
         stored_ids: BTreeMap::new(),
         new_ids: BTreeMap::new(),
-        ids_task: None,
-        ids_asked: None,
+        topic_ids: Poller::from_start(None),
         oversize_seen: 0,
         isolating: None,
         stuck: BTreeMap::new(),
@@ -314,8 +310,9 @@ struct Pipeline<'s> {
     catch_up_started: Instant,
     records_since_start: u64,
     last_apply: Instant,
-    last_discover: Instant,
-    discovering: Option<tokio::task::JoinHandle<Result<Vec<PartitionId>, SourceError>>>,
+    /// Broker metadata (partitions) read in the background; see
+    /// [`Pipeline::discover_new`].
+    discovery: Poller<Result<Vec<PartitionId>, SourceError>>,
     bad_logged: u32,
     bad_suppressed: u64,
     bad_window: Instant,
@@ -338,8 +335,7 @@ struct Pipeline<'s> {
     /// Per topic `delete.retention.ms` (`None`: not compacted); `None`
     /// until the broker told us.
     retention: Option<Vec<Option<i64>>>,
-    retention_task: Option<RetentionTask>,
-    retention_tried: Option<Instant>,
+    retention_poll: Poller<Result<Vec<Option<i64>>, SourceError>>,
     /// Stored offsets still to compare with the log start once watermarks
     /// arrive.
     log_start_unchecked: BTreeMap<PartitionId, i64>,
@@ -355,16 +351,12 @@ struct Pipeline<'s> {
     redis_problem: Option<(String, String, i64)>,
     /// True while a batch Redis refused waits in `apply_retrying`.
     retrying: bool,
-    /// Read metadata at the next tick (a topic's ID changed: its partitions
-    /// may have too).
-    discover_now: bool,
     /// Topic IDs the stored offsets were taken from (`topic_id.<topic>` in
     /// the status hash).
     stored_ids: BTreeMap<String, String>,
     /// IDs of recreated topics, written once their resync is noted.
     new_ids: BTreeMap<usize, String>,
-    ids_task: Option<TopicIdsTask>,
-    ids_asked: Option<Instant>,
+    topic_ids: Poller<Result<Vec<Option<String>>, SourceError>>,
     /// Fetch responses over `receive.message.max.bytes` seen so far.
     oversize_seen: u64,
     /// The search for the partition whose record batch is too large.
@@ -410,7 +402,6 @@ struct Reported {
     committed: BTreeMap<PartitionId, i64>,
 }
 
-type TopicIdsTask = tokio::task::JoinHandle<Result<Vec<Option<String>>, SourceError>>;
 type LogEndTask = tokio::task::JoinHandle<Result<Vec<(PartitionId, i64)>, SourceError>>;
 
 /// The search for the partition whose next record batch librdkafka refuses
@@ -428,7 +419,84 @@ struct Isolating {
 /// cleared.
 const PROBE_FOR: Duration = Duration::from_secs(6);
 
-type RetentionTask = tokio::task::JoinHandle<Result<Vec<Option<i64>>, SourceError>>;
+/// A background request repeated every so often (topic configurations,
+/// topic IDs, partition metadata): started when none is out and it is due,
+/// its answer taken once its task has finished, so the loop never waits on
+/// the broker. At most one request is out at a time.
+#[derive(Debug)]
+struct Poller<T> {
+    /// Where the interval counts from: the last start, or with
+    /// `from_answer` the last answer; `None`: due at once.
+    since: Option<Instant>,
+    from_answer: bool,
+    /// Start at the next chance, however recent `since` is.
+    forced: bool,
+    task: Option<tokio::task::JoinHandle<T>>,
+}
+
+impl<T> Poller<T> {
+    /// The interval counts from each start.
+    fn from_start(since: Option<Instant>) -> Self {
+        Poller {
+            since,
+            from_answer: false,
+            forced: false,
+            task: None,
+        }
+    }
+
+    /// The interval counts from each answer.
+    fn from_answer(since: Instant) -> Self {
+        Poller {
+            from_answer: true,
+            ..Poller::from_start(Some(since))
+        }
+    }
+
+    /// The interval counts from now (the same request was just made
+    /// another way).
+    fn restart_clock(&mut self) {
+        self.since = Some(Instant::now());
+    }
+
+    /// Starts a request at the next [`Poller::poll`] with none out.
+    fn force(&mut self) {
+        self.forced = true;
+    }
+
+    /// One step, never waiting: with no request out, starts one (`start`)
+    /// if forced or `every` has passed; with one out and finished, returns
+    /// its answer (`None` while none is ready).
+    fn poll(
+        &mut self,
+        every: Duration,
+        start: impl FnOnce() -> tokio::task::JoinHandle<T>,
+    ) -> Option<Result<T, tokio::task::JoinError>> {
+        match self.task.take() {
+            None => {
+                if self.forced || self.since.is_none_or(|at| at.elapsed() >= every) {
+                    self.forced = false;
+                    if !self.from_answer {
+                        self.since = Some(Instant::now());
+                    }
+                    self.task = Some(start());
+                }
+                None
+            }
+            Some(task) if !task.is_finished() => {
+                self.task = Some(task);
+                None
+            }
+            Some(task) => {
+                if self.from_answer {
+                    self.since = Some(Instant::now());
+                }
+                // The task has finished, so this does not wait.
+                task.now_or_never()
+            }
+        }
+    }
+}
 
 impl Pipeline<'_> {
     async fn run(&mut self, source: &Source) -> Result<(), RunError> {
@@ -463,7 +531,7 @@ impl Pipeline<'_> {
             .extend(self.stored.lineage_pending.iter().copied());
         // Before the first record is taken: is each topic still the one the
         // stored offsets were taken from?
-        self.ids_asked = Some(Instant::now());
+        self.topic_ids.restart_clock();
         let mut stop = self.stop.clone();
         let ids = await_alive(
             source.topic_ids_task(),
@@ -737,7 +805,7 @@ impl Pipeline<'_> {
                         error!("{e}");
                     }
                     self.log_start_unchecked = stored_starts(&starts);
-                    self.last_discover = Instant::now();
+                    self.discovery.restart_clock();
                     self.catch_up_started = Instant::now();
                     return Flow::Continue;
                 }
@@ -1397,29 +1465,20 @@ impl Pipeline<'_> {
     /// Reads topics' `delete.retention.ms` in the background: at start, then
     /// every `RETENTION_REFRESH` (an operator may change it).
     fn poll_retention(&mut self, source: &Source) {
-        match self.retention_task.take() {
-            None => {
-                let every = if self.retention.is_some() {
-                    RETENTION_REFRESH
-                } else {
-                    RETENTION_RETRY
-                };
-                if self.retention_tried.is_none_or(|at| at.elapsed() >= every) {
-                    self.retention_tried = Some(Instant::now());
-                    self.retention_task = Some(source.retention_task());
+        let every = if self.retention.is_some() {
+            RETENTION_REFRESH
+        } else {
+            RETENTION_RETRY
+        };
+        match self.retention_poll.poll(every, || source.retention_task()) {
+            Some(Ok(Ok(retention))) => {
+                if self.retention.as_ref() != Some(&retention) {
+                    debug!(?retention, "delete.retention.ms per topic");
                 }
+                self.retention = Some(retention);
             }
-            Some(handle) if !handle.is_finished() => self.retention_task = Some(handle),
-            Some(handle) => match handle.now_or_never() {
-                Some(Ok(Ok(retention))) => {
-                    if self.retention.as_ref() != Some(&retention) {
-                        debug!(?retention, "delete.retention.ms per topic");
-                    }
-                    self.retention = Some(retention);
-                }
-                Some(Ok(Err(e))) => debug!("reading topic configurations: {e}; will retry"),
-                _ => {}
-            },
+            Some(Ok(Err(e))) => debug!("reading topic configurations: {e}; will retry"),
+            _ => {}
         }
     }
 
@@ -1543,21 +1602,11 @@ impl Pipeline<'_> {
     /// Reads the topics' IDs again every `partition_discovery_secs`, in the
     /// background.
     async fn poll_topic_ids(&mut self, source: &Source) {
-        match self.ids_task.take() {
-            None => {
-                let every =
-                    Duration::from_secs(self.settings.config.agent.partition_discovery_secs);
-                if self.ids_asked.is_none_or(|at| at.elapsed() >= every) {
-                    self.ids_asked = Some(Instant::now());
-                    self.ids_task = Some(source.topic_ids_task());
-                }
-            }
-            Some(task) if !task.is_finished() => self.ids_task = Some(task),
-            Some(task) => match task.now_or_never() {
-                Some(Ok(Ok(ids))) => self.compare_topic_ids(ids).await,
-                Some(Ok(Err(e))) => debug!("reading topic IDs: {e}; will retry"),
-                _ => {}
-            },
+        let every = Duration::from_secs(self.settings.config.agent.partition_discovery_secs);
+        match self.topic_ids.poll(every, || source.topic_ids_task()) {
+            Some(Ok(Ok(ids))) => self.compare_topic_ids(ids).await,
+            Some(Ok(Err(e))) => debug!("reading topic IDs: {e}; will retry"),
+            _ => {}
         }
     }
 
@@ -1580,7 +1629,8 @@ impl Pipeline<'_> {
                     );
                     self.lineage_due.insert(idx);
                     self.new_ids.insert(idx, id);
-                    self.discover_now = true;
+                    // Its partitions may have changed too.
+                    self.discovery.force();
                 }
                 None => {
                     if self.sink.set_topic_id(&name, &id).await.is_ok() {
@@ -1879,73 +1929,59 @@ impl Pipeline<'_> {
     /// created after start). Metadata is read in the background; this only
     /// starts a request or takes the answer of the previous one.
     fn discover_new(&mut self, source: &Source) {
-        match self.discovering.take() {
-            None => {
-                let mut every =
-                    Duration::from_secs(self.settings.config.agent.partition_discovery_secs);
-                if !self.missing_topics.is_empty() {
-                    every = every.min(MISSING_TOPIC_LOOK_EVERY);
-                }
-                if self.discover_now || self.last_discover.elapsed() >= every {
-                    self.discover_now = false;
-                    self.discovering = Some(source.discover_task());
-                }
+        let mut every = Duration::from_secs(self.settings.config.agent.partition_discovery_secs);
+        if !self.missing_topics.is_empty() {
+            every = every.min(MISSING_TOPIC_LOOK_EVERY);
+        }
+        let Some(Ok(Ok(found))) = self.discovery.poll(every, || source.discover_task()) else {
+            return;
+        };
+        source.mark_reachable();
+        let found = self.in_scope(found);
+        self.note_missing_topics(&found);
+        // Kafka never takes partitions away from a topic: fewer
+        // means it was deleted and created again with fewer. Those
+        // positions go (they would never report a watermark, so
+        // nothing would ever count as caught up) and the topic is
+        // rewritten.
+        let vanished: Vec<PartitionId> = self
+            .positions
+            .keys()
+            .filter(|p| found.iter().any(|f| f.0 == p.0) && !found.contains(p))
+            .copied()
+            .collect();
+        if !vanished.is_empty() && !self.idle() {
+            // A batch in hand may still name them: look again.
+            self.discovery.force();
+        } else if !vanished.is_empty() {
+            for partition in &vanished {
+                warn!(
+                    topic = %self.settings.topics[partition.0].name,
+                    partition = partition.1,
+                    "partition no longer exists: the topic was created again with fewer partitions"
+                );
+                self.positions.remove(partition);
+                self.lineage_due.insert(partition.0);
             }
-            Some(handle) if !handle.is_finished() => self.discovering = Some(handle),
-            Some(handle) => {
-                self.last_discover = Instant::now();
-                // The task has finished, so this does not wait.
-                let Some(Ok(Ok(found))) = handle.now_or_never() else {
-                    return;
-                };
-                source.mark_reachable();
-                let found = self.in_scope(found);
-                self.note_missing_topics(&found);
-                // Kafka never takes partitions away from a topic: fewer
-                // means it was deleted and created again with fewer. Those
-                // positions go (they would never report a watermark, so
-                // nothing would ever count as caught up) and the topic is
-                // rewritten.
-                let vanished: Vec<PartitionId> = self
-                    .positions
-                    .keys()
-                    .filter(|p| found.iter().any(|f| f.0 == p.0) && !found.contains(p))
-                    .copied()
-                    .collect();
-                if !vanished.is_empty() && !self.idle() {
-                    // A batch in hand may still name them: look again.
-                    self.discover_now = true;
-                } else if !vanished.is_empty() {
-                    for partition in &vanished {
-                        warn!(
-                            topic = %self.settings.topics[partition.0].name,
-                            partition = partition.1,
-                            "partition no longer exists: the topic was created again with fewer partitions"
-                        );
-                        self.positions.remove(partition);
-                        self.lineage_due.insert(partition.0);
-                    }
-                    self.reassign(source);
-                }
-                let new: Vec<(PartitionId, Start)> = found
-                    .into_iter()
-                    .filter(|p| !self.positions.contains_key(p))
-                    .map(|p| (p, self.stored.start(p.0, p.1)))
-                    .collect();
-                if new.is_empty() {
-                    return;
-                }
-                info!(n_partitions = new.len(), "new partitions found; assigning");
-                match source.add(&new) {
-                    Ok(()) => {
-                        self.log_start_unchecked.extend(stored_starts(&new));
-                        self.positions.extend(new);
-                        self.caught_up = false;
-                        self.priority.set(true);
-                    }
-                    Err(e) => error!("{e}"),
-                }
+            self.reassign(source);
+        }
+        let new: Vec<(PartitionId, Start)> = found
+            .into_iter()
+            .filter(|p| !self.positions.contains_key(p))
+            .map(|p| (p, self.stored.start(p.0, p.1)))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        info!(n_partitions = new.len(), "new partitions found; assigning");
+        match source.add(&new) {
+            Ok(()) => {
+                self.log_start_unchecked.extend(stored_starts(&new));
+                self.positions.extend(new);
+                self.caught_up = false;
+                self.priority.set(true);
             }
+            Err(e) => error!("{e}"),
         }
     }
 
@@ -2263,5 +2299,50 @@ impl Pipeline<'_> {
             .await;
         }
         info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts when due (at once without a clock), never two at once, the
+    /// answer only once finished, then not again before the interval
+    /// unless forced; `from_answer` counts the interval from the answer.
+    #[test]
+    fn poller_starts_when_due_and_takes_finished_answers() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let every = Duration::from_secs(3600);
+            let mut poller = Poller::from_start(None);
+            assert!(poller.poll(every, || tokio::spawn(async { 7 })).is_none());
+            assert!(poller.task.is_some());
+            while !poller.task.as_ref().unwrap().is_finished() {
+                tokio::task::yield_now().await;
+            }
+            let answer = poller.poll(every, || unreachable!("one out already"));
+            assert_eq!(answer.map(Result::unwrap), Some(7));
+            assert!(poller.poll(every, || unreachable!("not due")).is_none());
+            poller.force();
+            assert!(poller.poll(every, || tokio::spawn(async { 8 })).is_none());
+            assert!(poller.task.is_some() && !poller.forced);
+
+            let start = Instant::now();
+            let mut poller = Poller::from_answer(start);
+            let due = Duration::ZERO;
+            assert!(poller.poll(due, || tokio::spawn(async { 9 })).is_none());
+            assert_eq!(poller.since, Some(start));
+            while !poller.task.as_ref().unwrap().is_finished() {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(
+                poller.poll(every, || unreachable!()).map(Result::unwrap),
+                Some(9)
+            );
+            assert!(poller.since > Some(start));
+            assert!(poller.poll(every, || unreachable!("not due")).is_none());
+        });
     }
 }
