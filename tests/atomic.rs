@@ -1201,17 +1201,7 @@ fn redis_pid(redis: &Redis) -> u32 {
 /// the end: the oracle.
 #[test]
 fn torn_aof_power_cut() {
-    let rounds: usize = std::env::var("EDGECACHE_TORN_ROUNDS")
-        .map(|r| r.parse().expect("EDGECACHE_TORN_ROUNDS"))
-        .unwrap_or(30);
-    let seed: u64 = std::env::var("EDGECACHE_TORN_SEED")
-        .map(|s| s.parse().expect("EDGECACHE_TORN_SEED"))
-        .unwrap_or_else(|_| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let (rounds, seed) = rounds_and_seed("EDGECACHE_TORN", 30);
     const CHUNK: usize = 1000;
     const KEYS: u64 = 400;
     eprintln!("torn AOF: seed {seed}, {rounds} rounds of {CHUNK} records");

@@ -18,6 +18,8 @@ use edgecache::codec::{
 use edgecache::config::TopicSettings;
 use proptest::collection::vec;
 use proptest::prelude::*;
+#[path = "util/strategies.rs"]
+mod strategies;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use std::collections::BTreeMap;
@@ -25,6 +27,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use strategies::{any_value, json_text};
 use util::*;
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -69,73 +72,6 @@ fn samples<S: Strategy>(strategy: S, n: usize) -> Vec<S::Value> {
     (0..n)
         .map(|_| strategy.new_tree(&mut runner).unwrap().current())
         .collect()
-}
-
-/// tests/properties.rs's strategies (any `Value`, JSON number text, JSON
-/// documents), repeated here: a test crate cannot import another's.
-fn any_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::Int),
-        any::<u64>().prop_map(|bits| Value::Float(f64::from_bits(bits))),
-        any::<f64>().prop_map(Value::from_f64),
-        any::<String>().prop_map(Value::String),
-        vec(any::<u8>(), 0..24).prop_map(Value::Bytes),
-        (any::<i64>(), any::<u8>())
-            .prop_map(|(mantissa, scale)| Value::Decimal { mantissa, scale }),
-    ];
-    leaf.prop_recursive(6, 96, 6, |inner| {
-        prop_oneof![
-            vec(inner.clone(), 0..6).prop_map(Value::List),
-            vec((any::<String>(), inner), 0..6).prop_map(Value::Map),
-        ]
-    })
-}
-
-fn json_number() -> impl Strategy<Value = String> {
-    prop_oneof![
-        any::<i64>().prop_map(|n| n.to_string()),
-        any::<u64>().prop_map(|n| n.to_string()),
-        any::<f64>()
-            .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
-            .prop_map(|f| format!("{f:?}")),
-        (-99_999_999i64..99_999_999, 0usize..=17).prop_map(|(mantissa, scale)| {
-            let digits = format!("{:0>width$}", mantissa.unsigned_abs(), width = scale + 1);
-            let (int, frac) = digits.split_at(digits.len() - scale);
-            let sign = if mantissa < 0 { "-" } else { "" };
-            if scale == 0 {
-                format!("{sign}{int}")
-            } else {
-                format!("{sign}{int}.{frac}")
-            }
-        }),
-        (any::<i32>(), -330i32..330).prop_map(|(m, e)| format!("{m}e{e}")),
-        Just("-0".to_owned()),
-        Just("-0.0".to_owned()),
-    ]
-}
-
-fn json_text() -> impl Strategy<Value = String> {
-    let leaf = prop_oneof![
-        Just("null".to_owned()),
-        Just("true".to_owned()),
-        Just("false".to_owned()),
-        json_number(),
-        any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
-    ];
-    leaf.prop_recursive(5, 64, 5, |inner| {
-        prop_oneof![
-            vec(inner.clone(), 0..5).prop_map(|items| format!("[{}]", items.join(","))),
-            vec(("[a-c]{0,2}", inner), 0..5).prop_map(|fields| {
-                let fields: Vec<String> = fields
-                    .iter()
-                    .map(|(k, v)| format!("{}:{v}", serde_json::to_string(k).unwrap()))
-                    .collect();
-                format!("{{{}}}", fields.join(","))
-            }),
-        ]
-    })
 }
 
 /// JSON texts at the edges of the readers' rules: integers at the i64/u64

@@ -59,17 +59,7 @@ fn check_no_value_ahead_of_offsets(
 
 #[test]
 fn crash_soak() {
-    let rounds: usize = std::env::var("EDGECACHE_SOAK_ROUNDS")
-        .map(|r| r.parse().expect("EDGECACHE_SOAK_ROUNDS"))
-        .unwrap_or(20);
-    let seed: u64 = std::env::var("EDGECACHE_SOAK_SEED")
-        .map(|s| s.parse().expect("EDGECACHE_SOAK_SEED"))
-        .unwrap_or_else(|_| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let (rounds, seed) = rounds_and_seed("EDGECACHE_SOAK", 20);
     eprintln!("crash soak: seed {seed}, {rounds} rounds of {RECORDS_PER_ROUND} records");
     let mut rng = Rng::new(seed);
     let topic = unique("soak");

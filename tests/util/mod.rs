@@ -322,6 +322,26 @@ pub fn converges(redis: &Redis, producer: &TestProducer) {
     );
 }
 
+/// A seeded test's rounds and seed from the environment (`<prefix>_ROUNDS`,
+/// default `rounds`; `<prefix>_SEED`, default the clock), so a failure can
+/// be replayed and a longer run asked for.
+pub fn rounds_and_seed(prefix: &str, rounds: usize) -> (usize, u64) {
+    let number = |name: String| {
+        std::env::var(&name).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+        })
+    };
+    let rounds = number(format!("{prefix}_ROUNDS")).map_or(rounds, |r| r as usize);
+    let seed = number(format!("{prefix}_SEED")).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    });
+    (rounds, seed)
+}
+
 /// Small seeded generator so failures can be replayed.
 pub struct Rng(u64);
 
