@@ -776,10 +776,11 @@ pub fn mask_url_password(url: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// The smallest valid file; other modules' tests start from it too.
+    pub(crate) const MINIMAL: &str = r#"
 [kafka]
 brokers = "127.0.0.1:9092"
 [redis]

@@ -1085,17 +1085,8 @@ pub fn consumer_properties(settings: &Settings) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod properties_tests {
     use super::consumer_properties;
+    use crate::config::tests::MINIMAL;
     use crate::config::{Settings, DERIVED_KAFKA_PROPERTIES};
-
-    const MINIMAL: &str = r#"
-[kafka]
-brokers = "127.0.0.1:9092"
-[redis]
-url = "redis://127.0.0.1:6379/0"
-[[topics]]
-name = "device-state"
-key_prefix = "device:"
-"#;
 
     fn properties(text: &str) -> std::collections::BTreeMap<String, String> {
         consumer_properties(&Settings::parse("test.toml", text).unwrap())
