@@ -94,6 +94,8 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// `max_records` as `Limits::from_budget` clamps it (a larger one
+    /// stops at the map's fixed capacity, and 0 holds one record as 1 does).
     pub fn new(max_records: usize, max_bytes: usize) -> Batch {
         Batch {
             ops: Box::default(),
@@ -101,7 +103,7 @@ impl Batch {
             counts: Counts::default(),
             partition_counts: BTreeMap::new(),
             n_bytes: 0,
-            max_records: max_records.clamp(1, BATCH_CAPACITY),
+            max_records,
             max_bytes,
             oldest_ts_ms: None,
             fields: [0; MAX_FIELDS / 64],
@@ -112,6 +114,7 @@ impl Batch {
     pub fn is_full_for(&self, key_len: usize, value_len: usize) -> bool {
         !self.ops.is_empty()
             && (self.ops.len() >= self.max_records
+                || self.ops.len() == self.ops.capacity()
                 || self.n_bytes + key_len + value_len > self.max_bytes)
     }
 

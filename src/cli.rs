@@ -77,13 +77,12 @@ pub fn init_logging() {
 fn load(config: &Path) -> Result<Settings, ExitCode> {
     Settings::load(config)
         .and_then(|settings| {
-            crate::source::check_properties(&settings.kafka_properties).map_err(|e| {
-                crate::config::ConfigError {
+            crate::source::check_properties(&crate::source::consumer_properties(&settings))
+                .map_err(|e| crate::config::ConfigError {
                     path: config.display().to_string(),
                     field: "kafka.properties".into(),
                     message: e.to_string(),
-                }
-            })?;
+                })?;
             Ok(settings)
         })
         .map_err(|e| {
@@ -101,9 +100,9 @@ pub async fn execute(cli: Cli) -> ExitCode {
             };
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
-                redis = %mask_url_password(&settings.redis_url),
+                redis = %mask_url_password(&settings.redis.url),
                 n_topics = settings.topics.len(),
-                memory_budget_mib = settings.config.agent.memory_budget_mib,
+                memory_budget_mib = settings.agent.memory_budget_mib,
                 "starting"
             );
             match crate::pipeline::run(&settings, shutdown_signal()).await {
@@ -122,7 +121,8 @@ pub async fn execute(cli: Cli) -> ExitCode {
         }
         Command::CheckConfig { config } => match load(&config) {
             Ok(settings) => {
-                print!("{}", settings.effective_toml());
+                let properties = crate::source::consumer_properties(&settings);
+                print!("{}", settings.effective_toml(&properties));
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -145,11 +145,11 @@ pub async fn execute(cli: Cli) -> ExitCode {
 }
 
 fn sink_for(settings: &Settings) -> Result<Sink, ExitCode> {
-    let password = settings.redis_password.as_ref().map(|p| p.0.as_str());
+    let password = settings.redis.password.as_ref().map(|p| p.0.as_str());
     Sink::new(
-        &settings.redis_url,
+        &settings.redis.url,
         password,
-        &settings.namespace,
+        &settings.redis.namespace,
         Vec::new(),
         None,
     )
@@ -250,7 +250,7 @@ async fn status(settings: &Settings, json: bool) -> ExitCode {
         Err(code) => return code,
     };
     let now = crate::sink::now_ms();
-    let runtime = runtime_status(&settings.namespace).filter(|r| {
+    let runtime = runtime_status(&settings.redis.namespace).filter(|r| {
         r.get("updated_ms")
             .and_then(|v| v.as_i64())
             .is_some_and(|ms| now - ms < STALE_AFTER_MS)

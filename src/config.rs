@@ -3,6 +3,11 @@
 //! derived form the rest of the agent uses. Validation happens before anything
 //! connects, and every error names the file and the field.
 //!
+//! Validation runs one function per section of the file, each returning
+//! its part of [`Settings`]; nothing reads the file's form afterwards.
+//! librdkafka's property strings are built from [`KafkaSettings`] and
+//! [`Limits`] by `source`, which uses them.
+//!
 //! The one memory budget (`agent.memory_budget_mib`) derives librdkafka's
 //! fetch and queue limits, the batch byte cap and the value-size cap (G5).
 
@@ -176,11 +181,8 @@ fn default_store() -> StoreFormat {
     StoreFormat::Postcard
 }
 
-/// Default `fetch.wait.max.ms`: the longest an idle fetch is held by the
-/// broker (see where it is set).
-pub const FETCH_WAIT_MAX_MS: u32 = 5000;
-
-/// librdkafka properties the agent sets itself; users may not override them.
+/// librdkafka properties the agent sets itself (`source::consumer_properties`
+/// derives them); users may not override them.
 pub const DERIVED_KAFKA_PROPERTIES: &[&str] = &[
     "bootstrap.servers",
     "group.id",
@@ -207,20 +209,56 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// The validated configuration.
+/// The validated configuration: typed and derived, nothing of the file left
+/// to read again, so each value is checked (and each limit clamped) once.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub config: Config,
-    pub redis_url: String,
-    pub redis_password: Option<Secret>,
-    pub namespace: String,
+    pub agent: AgentSettings,
+    pub kafka: KafkaSettings,
+    pub redis: RedisSettings,
     pub topics: Vec<TopicSettings>,
     pub limits: Limits,
-    /// Final librdkafka properties: user's pass-through plus derived ones
-    /// and secrets read from files. Never print this with `Debug`.
-    pub kafka_properties: BTreeMap<String, String>,
     /// Where to serve metrics; `None` binds nothing.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The file as parsed, secrets masked, as TOML: rendered during
+    /// validation for `check-config`, the only reader of the file as written.
+    file_toml: String,
+}
+
+/// `[agent]`, validated. `max_batch_records` is in [`Limits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentSettings {
+    pub memory_budget_mib: u32,
+    pub partition_discovery: std::time::Duration,
+    pub ready_timeout: std::time::Duration,
+    pub catch_up_nice: u8,
+}
+
+/// `[kafka]`, validated. The consumer's librdkafka properties are built
+/// from it by `source::consumer_properties`.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Bootstrap brokers, trimmed.
+    pub brokers: String,
+    pub commit_group: Option<String>,
+    /// The user's pass-through properties: none of
+    /// [`DERIVED_KAFKA_PROPERTIES`], every `*.location` file readable. May
+    /// hold secrets: never print this with `Debug`.
+    pub properties: BTreeMap<String, String>,
+    /// Properties whose values were read from `kafka.secret_files`.
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// `[redis]`, validated.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// Trimmed; may hold a password: mask it ([`mask_url_password`]) to show it.
+    pub url: String,
+    /// From `password_file`.
+    pub password: Option<Secret>,
+    pub namespace: String,
+    pub publish_channel: Option<String>,
+    pub allow_eviction: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -295,7 +333,9 @@ impl Limits {
         let fetch_max_bytes = buffers / 8;
         Limits {
             memory_budget_bytes: budget,
-            max_batch_records: max_batch_records.min(BATCH_CAPACITY),
+            // The one place this limit is clamped: the batch's map holds
+            // BATCH_CAPACITY keys, and an empty batch always takes a record.
+            max_batch_records: max_batch_records.clamp(1, BATCH_CAPACITY),
             // Two batches exist at once: one in flight to Redis, one filling.
             max_batch_bytes: buffers / 16,
             // At least 1 MiB: every record a topic with Kafka's default
@@ -335,359 +375,31 @@ impl Settings {
     }
 
     fn validate(path: &str, config: Config) -> Result<Settings, ConfigError> {
-        let err = |field: &str, message: String| ConfigError {
-            path: path.into(),
-            field: field.into(),
-            message,
-        };
-
-        let budget = config.agent.memory_budget_mib;
-        if !(4..=4096).contains(&budget) {
-            return Err(err(
-                "agent.memory_budget_mib",
-                format!("{budget} is outside 4..=4096"),
-            ));
-        }
-        let max_batch = config.agent.max_batch_records;
-        if !(1..=BATCH_CAPACITY).contains(&max_batch) {
-            return Err(err(
-                "agent.max_batch_records",
-                format!("{max_batch} is outside 1..={BATCH_CAPACITY}"),
-            ));
-        }
-        let limits = Limits::from_budget(budget, max_batch);
-        let ready = config.agent.ready_timeout_secs;
-        if !(1..=3600).contains(&ready) {
-            return Err(err(
-                "agent.ready_timeout_secs",
-                format!("{ready} is outside 1..=3600"),
-            ));
-        }
-        let nice = config.agent.catch_up_nice;
-        if nice > 19 {
-            return Err(err(
-                "agent.catch_up_nice",
-                format!("{nice} is outside 0..=19"),
-            ));
-        }
-        let discovery = config.agent.partition_discovery_secs;
-        if !(1..=3600).contains(&discovery) {
-            return Err(err(
-                "agent.partition_discovery_secs",
-                format!("{discovery} is outside 1..=3600"),
-            ));
-        }
-
-        if let Some(group) = &config.kafka.commit_group {
-            if group.is_empty()
-                || group.len() > 255
-                || group.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
-                return Err(err(
-                    "kafka.commit_group",
-                    format!("{group:?} must be 1..=255 characters without spaces"),
-                ));
-            }
-        }
-        if config.kafka.brokers.trim().is_empty() {
-            return Err(err("kafka.brokers", "must name at least one broker".into()));
-        }
-        for key in config.kafka.properties.keys() {
-            if DERIVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
-                return Err(err(
-                    &format!("kafka.properties.{key}"),
-                    "is set by edgecache itself (memory budget, offsets in Redis); remove it"
-                        .into(),
-                ));
-            }
-        }
-
-        // librdkafka opens these files only when the client is created, and
-        // then says "ssl.ca.location failed: ..." without naming our file; a
-        // missing CA or key must instead stop check-config (exit 78).
-        for (key, value) in &config.kafka.properties {
-            if key.ends_with(".location") && value != "probe" {
-                std::fs::metadata(value).map_err(|e| {
-                    err(
-                        &format!("kafka.properties.{key}"),
-                        format!("cannot read {value}: {e}"),
-                    )
-                })?;
-            }
-        }
-
-        let url = config.redis.url.trim().to_owned();
-        let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
-            .iter()
-            .any(|s| url.starts_with(s));
-        if !scheme_ok {
-            return Err(err(
-                "redis.url",
-                "must start with redis://, rediss://, unix:// or redis+unix://".into(),
-            ));
-        }
-        let namespace = config.redis.namespace.clone();
-        if namespace.is_empty() || namespace.contains(char::is_whitespace) {
-            return Err(err(
-                "redis.namespace",
-                "must be non-empty and without spaces".into(),
-            ));
-        }
-
-        if config.topics.is_empty() {
-            return Err(err(
-                "topics",
-                "at least one [[topics]] entry is needed".into(),
-            ));
-        }
-        let mut topics = Vec::with_capacity(config.topics.len());
-        for (i, topic) in config.topics.iter().enumerate() {
-            let field = |name: &str| format!("topics[{i}].{name}");
-            let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-            if topic.name.is_empty() || topic.name.len() > 249 || !topic.name.chars().all(legal) {
-                return Err(err(
-                    &field("name"),
-                    format!("{:?} is not a legal Kafka topic name", topic.name),
-                ));
-            }
-            if config.topics[..i].iter().any(|t| t.name == topic.name) {
-                return Err(err(
-                    &field("name"),
-                    format!("topic {:?} is listed twice", topic.name),
-                ));
-            }
-            if topic.key_prefix.is_empty() {
-                return Err(err(
-                    &field("key_prefix"),
-                    "must not be empty: the agent only writes under its prefixes".into(),
-                ));
-            }
-            let meta = format!("{namespace}:");
-            if topic.key_prefix.starts_with(&meta) || meta.starts_with(&topic.key_prefix) {
-                return Err(err(
-                    &field("key_prefix"),
-                    format!(
-                        "{:?} overlaps the agent's own keys {meta:?}*",
-                        topic.key_prefix
-                    ),
-                ));
-            }
-            if let Some(other) = config.topics[..i].iter().find(|t| {
-                t.key_prefix.starts_with(&topic.key_prefix)
-                    || topic.key_prefix.starts_with(&t.key_prefix)
-            }) {
-                return Err(err(
-                    &field("key_prefix"),
-                    format!(
-                        "{:?} overlaps the prefix {:?} of topic {:?}: two topics could write one key",
-                        topic.key_prefix, other.key_prefix, other.name
-                    ),
-                ));
-            }
-            if topic.input == InputFormat::Raw && topic.store == StoreFormat::Json {
-                return Err(err(
-                    &field("store"),
-                    "raw input has no JSON form; use store = \"raw\" or \"postcard\"".into(),
-                ));
-            }
-            if topic.input == InputFormat::Raw && topic.store == StoreFormat::Hash {
-                return Err(err(
-                    &field("store"),
-                    "raw input has no fields to put in a hash; use store = \"raw\" or \"postcard\""
-                        .into(),
-                ));
-            }
-            let only_matching = match &topic.only_keys_matching {
-                None => None,
-                Some(pattern) => Some(regex::bytes::Regex::new(pattern).map_err(|e| {
-                    err(
-                        &field("only_keys_matching"),
-                        e.to_string().replace('\n', " "),
-                    )
-                })?),
-            };
-            if let Some(list) = &topic.partitions {
-                if list.is_empty() || list.iter().any(|p| *p < 0) {
-                    return Err(err(
-                        &field("partitions"),
-                        "must list partition numbers >= 0 (leave it out for all)".into(),
-                    ));
-                }
-            }
-            let ttl_ms = match topic.ttl_secs {
-                None => None,
-                Some(secs) if (1..=10 * 365 * 86_400).contains(&secs) => Some(secs as i64 * 1000),
-                Some(secs) => {
-                    return Err(err(
-                        &field("ttl_secs"),
-                        format!("{secs} is outside 1..=315360000 (ten years)"),
-                    ))
-                }
-            };
-            topics.push(TopicSettings {
-                name: topic.name.clone(),
-                key_prefix: topic.key_prefix.as_bytes().to_vec(),
-                input: topic.input,
-                store: topic.store,
-                only_prefix: topic
-                    .only_keys_with_prefix
-                    .as_ref()
-                    .map(|p| p.as_bytes().to_vec()),
-                only_matching,
-                partitions: topic.partitions.clone(),
-                ttl_ms,
-            });
-        }
-
-        if let Some(channel) = &config.redis.publish_channel {
-            if channel.is_empty() {
-                return Err(err("redis.publish_channel", "must not be empty".into()));
-            }
-        }
-        let metrics_listen = match &config.metrics.listen {
-            None => None,
-            Some(listen) => {
-                let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
-                    err(
-                        "metrics.listen",
-                        format!("{listen:?} is not IP:port (e.g. \"127.0.0.1:9187\")"),
-                    )
-                })?;
-                if !addr.ip().is_loopback() && !config.metrics.allow_remote {
-                    return Err(err(
-                        "metrics.listen",
-                        format!(
-                            "{addr} is not a loopback address; the endpoint has no \
-                             authentication, so set metrics.allow_remote = true to expose it"
-                        ),
-                    ));
-                }
-                Some(addr)
-            }
-        };
-        let redis_password = match &config.redis.password_file {
-            None => None,
-            Some(file) => Some(Secret(
-                read_secret(path, file).map_err(|m| err("redis.password_file", m))?,
-            )),
-        };
-        let mut kafka_properties = config.kafka.properties.clone();
-        for (key, file) in &config.kafka.secret_files {
-            let field = format!("kafka.secret_files.{key}");
-            if DERIVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
-                return Err(err(&field, "is set by edgecache itself; remove it".into()));
-            }
-            if config.kafka.properties.contains_key(key) {
-                return Err(err(
-                    &field,
-                    "is also set in kafka.properties; keep one".into(),
-                ));
-            }
-            let value = read_secret(path, file).map_err(|m| err(&field, m))?;
-            kafka_properties.insert(key.clone(), value);
-        }
-        let derived = [
-            ("bootstrap.servers", config.kafka.brokers.trim().to_owned()),
-            // Offsets live in Redis (G2); the group id only names the client
-            // in broker logs, unless `commit_group` asks for commits (for
-            // lag dashboards only). There is no subscribe, so no group is
-            // joined and no rebalance happens either way.
-            (
-                "group.id",
-                config
-                    .kafka
-                    .commit_group
-                    .clone()
-                    .unwrap_or_else(|| format!("edgecache-{namespace}")),
-            ),
-            ("enable.auto.commit", "false".into()),
-            ("enable.auto.offset.store", "false".into()),
-            // Catching up is judged from watermarks, which also cover
-            // partitions that never produce an event; EOF events are noise.
-            ("enable.partition.eof", "false".into()),
-            // A stored offset below the log start (retention) or no offset at
-            // all both mean: start from the oldest record still there.
-            ("auto.offset.reset", "earliest".into()),
-            (
-                "queued.max.messages.kbytes",
-                limits.queued_max_messages_kbytes.to_string(),
-            ),
-            (
-                "queued.min.messages",
-                limits.queued_min_messages.to_string(),
-            ),
-            // librdkafka (>= 2.2) waits this long before fetching again once
-            // the queue above is full; its 1 s default made a rehydrate idle
-            // most of the time (18k -> 142k records/s, BENCHMARKS.md).
-            ("fetch.queue.backoff.ms", "10".into()),
-            // Statistics carry each partition's watermarks from librdkafka's
-            // own fetches: lag and "caught up" without extra requests.
-            ("statistics.interval.ms", "1000".into()),
-            ("fetch.max.bytes", limits.fetch_max_bytes.to_string()),
-            (
-                "max.partition.fetch.bytes",
-                limits.max_partition_fetch_bytes.to_string(),
-            ),
-            // librdkafka requires fetch.max.bytes >= message.max.bytes and
-            // receive.message.max.bytes >= fetch.max.bytes + 512. A broker
-            // sends a record batch larger than fetch.max.bytes whole (it
-            // must, to make progress), so responses must also fit one record
-            // of the value cap, or a partition holding one would stall
-            // instead of skipping it; 64 KiB covers the protocol framing.
-            ("message.max.bytes", limits.fetch_max_bytes.to_string()),
-            (
-                "receive.message.max.bytes",
-                (limits
-                    .fetch_max_bytes
-                    .max(limits.max_value_bytes + 64 * 1024)
-                    + 512)
-                    .to_string(),
-            ),
-        ];
-        for (key, value) in derived {
-            kafka_properties.insert(key.to_owned(), value);
-        }
-        kafka_properties
-            .entry("client.id".into())
-            .or_insert_with(|| "edgecache".into());
-        // An idle consumer's cost to the broker is its empty fetches: one per
-        // fetch.wait.max.ms (librdkafka's 500 ms: two a second per gateway).
-        // New records still end the wait at once, so live latency does not
-        // change (FLEET.md: 10x fewer requests and bytes, 4x less broker CPU
-        // per idle gateway). It also bounds how stale last_kafka_contact_ms
-        // gets while idle, and how long a metadata request may queue behind
-        // a fetch (well under the 10 s request timeout). Overridable in
-        // kafka.properties.
-        kafka_properties
-            .entry("fetch.wait.max.ms".into())
-            .or_insert_with(|| FETCH_WAIT_MAX_MS.to_string());
-
+        let (agent, limits) = validate_agent(path, &config.agent)?;
+        let kafka = validate_kafka(path, &config.kafka)?;
+        let redis = validate_redis(path, &config.redis)?;
+        let topics = validate_topics(path, &config.topics, &redis.namespace)?;
+        let metrics_listen = validate_metrics(path, &config.metrics)?;
         Ok(Settings {
-            redis_url: url,
-            redis_password,
-            namespace,
+            agent,
+            kafka,
+            redis,
             topics,
             limits,
-            kafka_properties,
             metrics_listen,
-            config,
+            file_toml: masked_toml(config),
         })
     }
 
-    /// The effective configuration as TOML, secrets masked, for `check-config`.
-    pub fn effective_toml(&self) -> String {
-        let mut shown = self.config.clone();
-        shown.redis.url = mask_url_password(&shown.redis.url);
-        for (key, value) in shown.kafka.properties.iter_mut() {
-            if is_secret_property(key) {
-                *value = "***".into();
-            }
-        }
-        let mut out = toml::to_string_pretty(&shown).expect("config serialises as TOML");
+    /// The effective configuration as TOML, secrets masked, for `check-config`:
+    /// the file, the limits derived from it, and the final librdkafka
+    /// properties (`source::consumer_properties`, built where they are used).
+    pub fn effective_toml(&self, kafka_properties: &BTreeMap<String, String>) -> String {
+        let mut out = self.file_toml.clone();
         out.push_str("\n# Derived from agent.memory_budget_mib:\n[derived]\n");
         out.push_str(&toml::to_string_pretty(&self.limits).expect("limits serialise as TOML"));
         out.push_str("\n# Final librdkafka consumer properties:\n[derived.librdkafka]\n");
-        for (key, value) in &self.kafka_properties {
+        for (key, value) in kafka_properties {
             let value = if is_secret_property(key) {
                 "***"
             } else {
@@ -702,6 +414,321 @@ impl Settings {
     pub fn topic_for_key(&self, key: &[u8]) -> Option<&TopicSettings> {
         self.topics.iter().find(|t| key.starts_with(&t.key_prefix))
     }
+}
+
+fn error(path: &str, field: &str, message: String) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        field: field.into(),
+        message,
+    }
+}
+
+/// `[agent]`: its settings and the limits its memory budget derives.
+fn validate_agent(path: &str, agent: &AgentConfig) -> Result<(AgentSettings, Limits), ConfigError> {
+    let err = |field: &str, message: String| error(path, field, message);
+    let budget = agent.memory_budget_mib;
+    if !(4..=4096).contains(&budget) {
+        return Err(err(
+            "agent.memory_budget_mib",
+            format!("{budget} is outside 4..=4096"),
+        ));
+    }
+    let max_batch = agent.max_batch_records;
+    if !(1..=BATCH_CAPACITY).contains(&max_batch) {
+        return Err(err(
+            "agent.max_batch_records",
+            format!("{max_batch} is outside 1..={BATCH_CAPACITY}"),
+        ));
+    }
+    let limits = Limits::from_budget(budget, max_batch);
+    let ready = agent.ready_timeout_secs;
+    if !(1..=3600).contains(&ready) {
+        return Err(err(
+            "agent.ready_timeout_secs",
+            format!("{ready} is outside 1..=3600"),
+        ));
+    }
+    let nice = agent.catch_up_nice;
+    if nice > 19 {
+        return Err(err(
+            "agent.catch_up_nice",
+            format!("{nice} is outside 0..=19"),
+        ));
+    }
+    let discovery = agent.partition_discovery_secs;
+    if !(1..=3600).contains(&discovery) {
+        return Err(err(
+            "agent.partition_discovery_secs",
+            format!("{discovery} is outside 1..=3600"),
+        ));
+    }
+    let settings = AgentSettings {
+        memory_budget_mib: budget,
+        partition_discovery: std::time::Duration::from_secs(discovery),
+        ready_timeout: std::time::Duration::from_secs(ready),
+        catch_up_nice: nice,
+    };
+    Ok((settings, limits))
+}
+
+/// `[kafka]`: the user's properties are checked here, and secret files
+/// read, so a bad one stops `check-config` before anything connects.
+fn validate_kafka(path: &str, kafka: &KafkaConfig) -> Result<KafkaSettings, ConfigError> {
+    let err = |field: &str, message: String| error(path, field, message);
+    if let Some(group) = &kafka.commit_group {
+        if group.is_empty()
+            || group.len() > 255
+            || group.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(err(
+                "kafka.commit_group",
+                format!("{group:?} must be 1..=255 characters without spaces"),
+            ));
+        }
+    }
+    if kafka.brokers.trim().is_empty() {
+        return Err(err("kafka.brokers", "must name at least one broker".into()));
+    }
+    for key in kafka.properties.keys() {
+        if DERIVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+            return Err(err(
+                &format!("kafka.properties.{key}"),
+                "is set by edgecache itself (memory budget, offsets in Redis); remove it".into(),
+            ));
+        }
+    }
+
+    // librdkafka opens these files only when the client is created, and
+    // then says "ssl.ca.location failed: ..." without naming our file; a
+    // missing CA or key must instead stop check-config (exit 78).
+    for (key, value) in &kafka.properties {
+        if key.ends_with(".location") && value != "probe" {
+            std::fs::metadata(value).map_err(|e| {
+                err(
+                    &format!("kafka.properties.{key}"),
+                    format!("cannot read {value}: {e}"),
+                )
+            })?;
+        }
+    }
+
+    let mut secrets = BTreeMap::new();
+    for (key, file) in &kafka.secret_files {
+        let field = format!("kafka.secret_files.{key}");
+        if DERIVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+            return Err(err(&field, "is set by edgecache itself; remove it".into()));
+        }
+        if kafka.properties.contains_key(key) {
+            return Err(err(
+                &field,
+                "is also set in kafka.properties; keep one".into(),
+            ));
+        }
+        let value = read_secret(path, file).map_err(|m| err(&field, m))?;
+        secrets.insert(key.clone(), Secret(value));
+    }
+    Ok(KafkaSettings {
+        brokers: kafka.brokers.trim().to_owned(),
+        commit_group: kafka.commit_group.clone(),
+        properties: kafka.properties.clone(),
+        secrets,
+    })
+}
+
+/// `[redis]`.
+fn validate_redis(path: &str, redis: &RedisConfig) -> Result<RedisSettings, ConfigError> {
+    let err = |field: &str, message: String| error(path, field, message);
+    let url = redis.url.trim().to_owned();
+    let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
+        .iter()
+        .any(|s| url.starts_with(s));
+    if !scheme_ok {
+        return Err(err(
+            "redis.url",
+            "must start with redis://, rediss://, unix:// or redis+unix://".into(),
+        ));
+    }
+    let namespace = redis.namespace.clone();
+    if namespace.is_empty() || namespace.contains(char::is_whitespace) {
+        return Err(err(
+            "redis.namespace",
+            "must be non-empty and without spaces".into(),
+        ));
+    }
+    if let Some(channel) = &redis.publish_channel {
+        if channel.is_empty() {
+            return Err(err("redis.publish_channel", "must not be empty".into()));
+        }
+    }
+    let password = match &redis.password_file {
+        None => None,
+        Some(file) => Some(Secret(
+            read_secret(path, file).map_err(|m| err("redis.password_file", m))?,
+        )),
+    };
+    Ok(RedisSettings {
+        url,
+        password,
+        namespace,
+        publish_channel: redis.publish_channel.clone(),
+        allow_eviction: redis.allow_eviction,
+    })
+}
+
+/// `[[topics]]`; `namespace` is the agent's own key prefix, which no
+/// topic's may overlap.
+fn validate_topics(
+    path: &str,
+    config: &[TopicConfig],
+    namespace: &str,
+) -> Result<Vec<TopicSettings>, ConfigError> {
+    let err = |field: &str, message: String| error(path, field, message);
+    if config.is_empty() {
+        return Err(err(
+            "topics",
+            "at least one [[topics]] entry is needed".into(),
+        ));
+    }
+    let mut topics = Vec::with_capacity(config.len());
+    for (i, topic) in config.iter().enumerate() {
+        let field = |name: &str| format!("topics[{i}].{name}");
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if topic.name.is_empty() || topic.name.len() > 249 || !topic.name.chars().all(legal) {
+            return Err(err(
+                &field("name"),
+                format!("{:?} is not a legal Kafka topic name", topic.name),
+            ));
+        }
+        if config[..i].iter().any(|t| t.name == topic.name) {
+            return Err(err(
+                &field("name"),
+                format!("topic {:?} is listed twice", topic.name),
+            ));
+        }
+        if topic.key_prefix.is_empty() {
+            return Err(err(
+                &field("key_prefix"),
+                "must not be empty: the agent only writes under its prefixes".into(),
+            ));
+        }
+        let meta = format!("{namespace}:");
+        if topic.key_prefix.starts_with(&meta) || meta.starts_with(&topic.key_prefix) {
+            return Err(err(
+                &field("key_prefix"),
+                format!(
+                    "{:?} overlaps the agent's own keys {meta:?}*",
+                    topic.key_prefix
+                ),
+            ));
+        }
+        if let Some(other) = config[..i].iter().find(|t| {
+            t.key_prefix.starts_with(&topic.key_prefix)
+                || topic.key_prefix.starts_with(&t.key_prefix)
+        }) {
+            return Err(err(
+                &field("key_prefix"),
+                format!(
+                    "{:?} overlaps the prefix {:?} of topic {:?}: two topics could write one key",
+                    topic.key_prefix, other.key_prefix, other.name
+                ),
+            ));
+        }
+        if topic.input == InputFormat::Raw && topic.store == StoreFormat::Json {
+            return Err(err(
+                &field("store"),
+                "raw input has no JSON form; use store = \"raw\" or \"postcard\"".into(),
+            ));
+        }
+        if topic.input == InputFormat::Raw && topic.store == StoreFormat::Hash {
+            return Err(err(
+                &field("store"),
+                "raw input has no fields to put in a hash; use store = \"raw\" or \"postcard\""
+                    .into(),
+            ));
+        }
+        let only_matching = match &topic.only_keys_matching {
+            None => None,
+            Some(pattern) => Some(regex::bytes::Regex::new(pattern).map_err(|e| {
+                err(
+                    &field("only_keys_matching"),
+                    e.to_string().replace('\n', " "),
+                )
+            })?),
+        };
+        if let Some(list) = &topic.partitions {
+            if list.is_empty() || list.iter().any(|p| *p < 0) {
+                return Err(err(
+                    &field("partitions"),
+                    "must list partition numbers >= 0 (leave it out for all)".into(),
+                ));
+            }
+        }
+        let ttl_ms = match topic.ttl_secs {
+            None => None,
+            Some(secs) if (1..=10 * 365 * 86_400).contains(&secs) => Some(secs as i64 * 1000),
+            Some(secs) => {
+                return Err(err(
+                    &field("ttl_secs"),
+                    format!("{secs} is outside 1..=315360000 (ten years)"),
+                ))
+            }
+        };
+        topics.push(TopicSettings {
+            name: topic.name.clone(),
+            key_prefix: topic.key_prefix.as_bytes().to_vec(),
+            input: topic.input,
+            store: topic.store,
+            only_prefix: topic
+                .only_keys_with_prefix
+                .as_ref()
+                .map(|p| p.as_bytes().to_vec()),
+            only_matching,
+            partitions: topic.partitions.clone(),
+            ttl_ms,
+        });
+    }
+    Ok(topics)
+}
+
+/// `[metrics]`: where to listen, if anywhere.
+fn validate_metrics(
+    path: &str,
+    metrics: &MetricsConfig,
+) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let Some(listen) = &metrics.listen else {
+        return Ok(None);
+    };
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        error(
+            path,
+            "metrics.listen",
+            format!("{listen:?} is not IP:port (e.g. \"127.0.0.1:9187\")"),
+        )
+    })?;
+    if !addr.ip().is_loopback() && !metrics.allow_remote {
+        return Err(error(
+            path,
+            "metrics.listen",
+            format!(
+                "{addr} is not a loopback address; the endpoint has no \
+                 authentication, so set metrics.allow_remote = true to expose it"
+            ),
+        ));
+    }
+    Ok(Some(addr))
+}
+
+/// The file as parsed, as TOML, with the Redis URL's password and secret
+/// librdkafka properties masked.
+fn masked_toml(mut shown: Config) -> String {
+    shown.redis.url = mask_url_password(&shown.redis.url);
+    for (key, value) in shown.kafka.properties.iter_mut() {
+        if is_secret_property(key) {
+            *value = "***".into();
+        }
+    }
+    toml::to_string_pretty(&shown).expect("config serialises as TOML")
 }
 
 /// Reads a secret file. Relative paths are looked up in systemd's
@@ -749,10 +776,11 @@ pub fn mask_url_password(url: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// The smallest valid file; other modules' tests start from it too.
+    pub(crate) const MINIMAL: &str = r#"
 [kafka]
 brokers = "127.0.0.1:9092"
 [redis]
@@ -769,7 +797,7 @@ key_prefix = "device:"
     #[test]
     fn minimal_config_gets_defaults_and_derived_limits() {
         let settings = parse(MINIMAL).unwrap();
-        assert_eq!(settings.namespace, "edgecache");
+        assert_eq!(settings.redis.namespace, "edgecache");
         assert_eq!(settings.topics[0].input, InputFormat::Json);
         assert_eq!(settings.topics[0].store, StoreFormat::Postcard);
         let limits = settings.limits;
@@ -780,14 +808,10 @@ key_prefix = "device:"
         assert_eq!(limits.fetch_max_bytes, 1792 << 10);
         assert_eq!(limits.max_batch_bytes, 896 << 10);
         assert_eq!(limits.max_value_bytes, 1 << 20);
+        assert_eq!(limits.max_batch_records, 96);
         assert_eq!(
-            settings.kafka_properties["queued.max.messages.kbytes"],
-            "3584"
-        );
-        assert_eq!(settings.kafka_properties["queued.min.messages"], "3584");
-        assert_eq!(
-            settings.kafka_properties["receive.message.max.bytes"],
-            ((1792 << 10) + 512).to_string()
+            settings.agent.partition_discovery,
+            std::time::Duration::from_secs(300)
         );
         // Small budgets keep half for the buffers; large ones all but 10 MiB.
         assert_eq!(Limits::from_budget(8, 128).queued_max_messages_kbytes, 1024);
@@ -800,21 +824,6 @@ key_prefix = "device:"
         assert_eq!(Limits::from_budget(4, 128).max_value_bytes, 1 << 20);
         assert_eq!(Limits::from_budget(256, 128).max_value_bytes, 8 << 20);
         assert_eq!(Limits::from_budget(4096, 128).max_value_bytes, 16 << 20);
-    }
-
-    #[test]
-    fn fetch_wait_defaults_long_and_is_overridable() {
-        let settings = parse(MINIMAL).unwrap();
-        assert_eq!(settings.kafka_properties["fetch.wait.max.ms"], "5000");
-        assert_eq!(settings.config.agent.partition_discovery_secs, 300);
-        let text = MINIMAL.replace(
-            "[redis]",
-            "[kafka.properties]\n\"fetch.wait.max.ms\" = \"500\"\n[redis]",
-        );
-        assert_eq!(
-            parse(&text).unwrap().kafka_properties["fetch.wait.max.ms"],
-            "500"
-        );
     }
 
     #[test]
@@ -904,11 +913,9 @@ key_prefix = "device:"
     fn commit_group_names_the_group() {
         let with = |line: &str| MINIMAL.replace("[redis]", &format!("{line}\n[redis]"));
         let settings = parse(&with("commit_group = \"edgecache-site42\"")).unwrap();
-        assert_eq!(settings.kafka_properties["group.id"], "edgecache-site42");
-        assert_eq!(settings.kafka_properties["enable.auto.commit"], "false");
         assert_eq!(
-            parse(MINIMAL).unwrap().kafka_properties["group.id"],
-            "edgecache-edgecache"
+            settings.kafka.commit_group.as_deref(),
+            Some("edgecache-site42")
         );
         assert_eq!(
             error_field(&with("commit_group = \"a b\"")),
@@ -953,8 +960,9 @@ key_prefix = "device:"
                 "[redis]",
                 "[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n[redis]",
             );
-        let shown = parse(&text).unwrap().effective_toml();
+        let settings = parse(&text).unwrap();
+        let shown = settings.effective_toml(&settings.kafka.properties);
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("queued.max.messages.kbytes"));
+        assert!(shown.contains("\"sasl.password\" = \"***\""), "{shown}");
     }
 }

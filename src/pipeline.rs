@@ -138,16 +138,19 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         info!(%addr, "serving metrics on http://{addr}/metrics");
         tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
     }
-    let source = Source::new(&settings.kafka_properties, topic_names.clone())?;
+    let source = Source::new(
+        &crate::source::consumer_properties(settings),
+        topic_names.clone(),
+    )?;
     let mut sink = Sink::new(
-        &settings.redis_url,
-        settings.redis_password.as_ref().map(|p| p.0.as_str()),
-        &settings.namespace,
+        &settings.redis.url,
+        settings.redis.password.as_ref().map(|p| p.0.as_str()),
+        &settings.redis.namespace,
         topic_names,
-        settings.config.redis.publish_channel.clone(),
+        settings.redis.publish_channel.clone(),
     )?;
     sink.set_read_functions(crate::functions::library(
-        &settings.namespace,
+        &settings.redis.namespace,
         &settings.topics,
     ));
     let mut pipeline = Pipeline {
@@ -164,13 +167,13 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         written_state: None,
         notified_state: None,
         notify: Notifier::from_env(),
-        ready_by: Instant::now() + Duration::from_secs(settings.config.agent.ready_timeout_secs),
+        ready_by: Instant::now() + settings.agent.ready_timeout,
         lag: None,
         written_lag: None,
         progress_at: Instant::now(),
         progress_records: 0,
         caught_up: false,
-        priority: Priority::new(settings.config.agent.catch_up_nice),
+        priority: Priority::new(settings.agent.catch_up_nice),
         catch_up_started: Instant::now(),
         records_since_start: 0,
         last_apply: Instant::now(),
@@ -699,7 +702,7 @@ impl Pipeline<'_> {
     /// evicting `maxmemory-policy` (unless `redis.allow_eviction`) or a
     /// permission the agent's user lacks. Checked at every (re)connect.
     async fn unfit_redis(&mut self) -> Option<String> {
-        let redis = &self.settings.config.redis;
+        let redis = &self.settings.redis;
         let any_ttl = self.settings.topics.iter().any(|t| t.ttl_ms.is_some());
         if let Some(server) = self.sink.server_settings().await {
             if server.may_evict(any_ttl) && !redis.allow_eviction {
@@ -1345,7 +1348,7 @@ impl Pipeline<'_> {
     async fn report(&mut self, source: &Source) {
         // During a resync the positions are those of the re-read, below the
         // offsets Redis holds: the group keeps the last committed ones.
-        if self.settings.config.kafka.commit_group.is_some() && self.resync.is_none() {
+        if self.settings.kafka.commit_group.is_some() && self.resync.is_none() {
             self.commit_applied(source);
         }
         let partition_lag = self.partition_lag(source);
@@ -1602,7 +1605,7 @@ impl Pipeline<'_> {
     /// Reads the topics' IDs again every `partition_discovery_secs`, in the
     /// background.
     async fn poll_topic_ids(&mut self, source: &Source) {
-        let every = Duration::from_secs(self.settings.config.agent.partition_discovery_secs);
+        let every = self.settings.agent.partition_discovery;
         match self.topic_ids.poll(every, || source.topic_ids_task()) {
             Some(Ok(Ok(ids))) => self.compare_topic_ids(ids).await,
             Some(Ok(Err(e))) => debug!("reading topic IDs: {e}; will retry"),
@@ -1929,7 +1932,7 @@ impl Pipeline<'_> {
     /// created after start). Metadata is read in the background; this only
     /// starts a request or takes the answer of the previous one.
     fn discover_new(&mut self, source: &Source) {
-        let mut every = Duration::from_secs(self.settings.config.agent.partition_discovery_secs);
+        let mut every = self.settings.agent.partition_discovery;
         if !self.missing_topics.is_empty() {
             every = every.min(MISSING_TOPIC_LOOK_EVERY);
         }
@@ -2242,7 +2245,7 @@ impl Pipeline<'_> {
             None => ("", "", 0),
         };
         let text = serde_json::json!({
-            "namespace": self.settings.namespace,
+            "namespace": self.settings.redis.namespace,
             "state": state.as_str(),
             "redis_error": reason,
             "redis_error_message": message,

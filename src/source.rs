@@ -6,10 +6,12 @@
 //! offsets stored in Redis (see `checkpoint`); the optional commits to
 //! `kafka.commit_group` are for operators' lag tools and never read back.
 //! librdkafka's prefetch and fetch sizes come from the memory budget (see
-//! `config`), never from its defaults, which allow 64 MiB of queued data.
+//! `config`; [`consumer_properties`] turns them into librdkafka properties),
+//! never from its defaults, which allow 64 MiB of queued data.
 
 use crate::batch::PartitionId;
 use crate::checkpoint::Start;
+use crate::config::Settings;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -987,4 +989,174 @@ pub fn check_properties(properties: &BTreeMap<String, String>) -> Result<(), Sou
         .create_native_config()
         .map(|_| ())
         .map_err(|e| SourceError::Config(e.to_string()))
+}
+
+/// Default `fetch.wait.max.ms`: the longest an idle fetch is held by the
+/// broker (see where it is set).
+pub const FETCH_WAIT_MAX_MS: u32 = 5000;
+
+/// The consumer's librdkafka properties: the user's pass-through ones, the
+/// secrets read from files, and the ones the agent sets itself
+/// (`config::DERIVED_KAFKA_PROPERTIES`, which validation keeps users from
+/// setting). May hold secrets: never print it unmasked.
+pub fn consumer_properties(settings: &Settings) -> BTreeMap<String, String> {
+    let (kafka, limits) = (&settings.kafka, &settings.limits);
+    let mut properties = kafka.properties.clone();
+    for (key, secret) in &kafka.secrets {
+        properties.insert(key.clone(), secret.0.clone());
+    }
+    let derived = [
+        ("bootstrap.servers", kafka.brokers.clone()),
+        // Offsets live in Redis (G2); the group id only names the client
+        // in broker logs, unless `commit_group` asks for commits (for
+        // lag dashboards only). There is no subscribe, so no group is
+        // joined and no rebalance happens either way.
+        (
+            "group.id",
+            kafka
+                .commit_group
+                .clone()
+                .unwrap_or_else(|| format!("edgecache-{}", settings.redis.namespace)),
+        ),
+        ("enable.auto.commit", "false".into()),
+        ("enable.auto.offset.store", "false".into()),
+        // Catching up is judged from watermarks, which also cover
+        // partitions that never produce an event; EOF events are noise.
+        ("enable.partition.eof", "false".into()),
+        // A stored offset below the log start (retention) or no offset at
+        // all both mean: start from the oldest record still there.
+        ("auto.offset.reset", "earliest".into()),
+        (
+            "queued.max.messages.kbytes",
+            limits.queued_max_messages_kbytes.to_string(),
+        ),
+        (
+            "queued.min.messages",
+            limits.queued_min_messages.to_string(),
+        ),
+        // librdkafka (>= 2.2) waits this long before fetching again once
+        // the queue above is full; its 1 s default made a rehydrate idle
+        // most of the time (18k -> 142k records/s, BENCHMARKS.md).
+        ("fetch.queue.backoff.ms", "10".into()),
+        // Statistics carry each partition's watermarks from librdkafka's
+        // own fetches: lag and "caught up" without extra requests.
+        ("statistics.interval.ms", "1000".into()),
+        ("fetch.max.bytes", limits.fetch_max_bytes.to_string()),
+        (
+            "max.partition.fetch.bytes",
+            limits.max_partition_fetch_bytes.to_string(),
+        ),
+        // librdkafka requires fetch.max.bytes >= message.max.bytes and
+        // receive.message.max.bytes >= fetch.max.bytes + 512. A broker
+        // sends a record batch larger than fetch.max.bytes whole (it
+        // must, to make progress), so responses must also fit one record
+        // of the value cap, or a partition holding one would stall
+        // instead of skipping it; 64 KiB covers the protocol framing.
+        ("message.max.bytes", limits.fetch_max_bytes.to_string()),
+        (
+            "receive.message.max.bytes",
+            (limits
+                .fetch_max_bytes
+                .max(limits.max_value_bytes + 64 * 1024)
+                + 512)
+                .to_string(),
+        ),
+    ];
+    for (key, value) in derived {
+        properties.insert(key.to_owned(), value);
+    }
+    properties
+        .entry("client.id".into())
+        .or_insert_with(|| "edgecache".into());
+    // An idle consumer's cost to the broker is its empty fetches: one per
+    // fetch.wait.max.ms (librdkafka's 500 ms: two a second per gateway).
+    // New records still end the wait at once, so live latency does not
+    // change (FLEET.md: 10x fewer requests and bytes, 4x less broker CPU
+    // per idle gateway). It also bounds how stale last_kafka_contact_ms
+    // gets while idle, and how long a metadata request may queue behind
+    // a fetch (well under the 10 s request timeout). Overridable in
+    // kafka.properties.
+    properties
+        .entry("fetch.wait.max.ms".into())
+        .or_insert_with(|| FETCH_WAIT_MAX_MS.to_string());
+    properties
+}
+
+#[cfg(test)]
+mod properties_tests {
+    use super::consumer_properties;
+    use crate::config::tests::MINIMAL;
+    use crate::config::{Settings, DERIVED_KAFKA_PROPERTIES};
+
+    fn properties(text: &str) -> std::collections::BTreeMap<String, String> {
+        consumer_properties(&Settings::parse("test.toml", text).unwrap())
+    }
+
+    #[test]
+    fn derived_from_the_budget() {
+        let properties = properties(MINIMAL);
+        // 24 MiB less the fixed 10 MiB: 14 MiB of buffers.
+        assert_eq!(properties["queued.max.messages.kbytes"], "3584");
+        assert_eq!(properties["queued.min.messages"], "3584");
+        assert_eq!(
+            properties["receive.message.max.bytes"],
+            ((1792 << 10) + 512).to_string()
+        );
+    }
+
+    #[test]
+    fn users_cannot_set_what_the_agent_derives() {
+        // Validation rejects exactly the keys derived here, so a user's
+        // property is never silently overwritten.
+        let properties = properties(MINIMAL);
+        let overridable = ["client.id", "fetch.wait.max.ms"];
+        let derived: Vec<&str> = properties
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !overridable.contains(k))
+            .collect();
+        let mut listed = DERIVED_KAFKA_PROPERTIES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(derived, listed);
+    }
+
+    #[test]
+    fn fetch_wait_defaults_long_and_is_overridable() {
+        assert_eq!(properties(MINIMAL)["fetch.wait.max.ms"], "5000");
+        let text = MINIMAL.replace(
+            "[redis]",
+            "[kafka.properties]\n\"fetch.wait.max.ms\" = \"500\"\n[redis]",
+        );
+        assert_eq!(properties(&text)["fetch.wait.max.ms"], "500");
+    }
+
+    #[test]
+    fn commit_group_names_the_group() {
+        let text = MINIMAL.replace("[redis]", "commit_group = \"edgecache-site42\"\n[redis]");
+        let properties_with = properties(&text);
+        assert_eq!(properties_with["group.id"], "edgecache-site42");
+        assert_eq!(properties_with["enable.auto.commit"], "false");
+        assert_eq!(properties(MINIMAL)["group.id"], "edgecache-edgecache");
+    }
+
+    #[test]
+    fn check_config_masks_secrets_from_files() {
+        let dir = std::env::temp_dir().join(format!("edgecache-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pw"), "hunter2\n").unwrap();
+        let text = MINIMAL.replace(
+            "[redis]",
+            &format!(
+                "[kafka.secret_files]\n\"sasl.password\" = {:?}\n[redis]",
+                dir.join("pw")
+            ),
+        );
+        let settings = Settings::parse("test.toml", &text).unwrap();
+        let properties = consumer_properties(&settings);
+        assert_eq!(properties["sasl.password"], "hunter2");
+        let shown = settings.effective_toml(&properties);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("queued.max.messages.kbytes"));
+    }
 }

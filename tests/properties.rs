@@ -390,7 +390,7 @@ proptest! {
             }
         }
         let mut batch = Batch::new(max_records, max_bytes);
-        // Batch::new clamps to 1..=BATCH_CAPACITY.
+        // A max of 0 holds one key, as 1 does: an empty batch takes anything.
         let max_records = max_records.max(1);
         let mut model = ModelBatch::default();
         let mut redis = HashMap::new();
