@@ -19,6 +19,7 @@ mod util;
 
 use edgecache::codec::StoreFormat;
 use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use util::*;
 
@@ -85,15 +86,25 @@ fn crash_soak() {
             .arg(if fsync_always { "always" } else { "everysec" })
             .query(&mut redis.conn())
             .unwrap();
-        // Half the round's records while the agent runs; kill it at a random
-        // moment; the other half while it is down.
+        // Half the round's records while the agent runs, killed at a random
+        // moment while they are produced; the other half while it is down.
+        // The agent applies records within milliseconds of their arrival,
+        // so a kill after the producer's flush would find it caught up.
+        let pid = agent.pid();
+        let delay = Duration::from_millis(rng.below(40));
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+        });
         producer.numbered_states(&mut rng, RECORDS_PER_ROUND / 2, KEYS);
-        // The agent applies a half-round in about ten milliseconds (since
-        // decode and apply overlap): kill early.
-        std::thread::sleep(Duration::from_millis(rng.below(6)));
-        let applied = redis.status_counter("records") + redis.status_counter("skipped_undecodable");
+        killer.join().unwrap();
         agent.sigkill();
         n_agent_kills += 1;
+        // Killed before it had applied all of this half-round: mid-stream.
+        let applied = redis.status_counter("records") + redis.status_counter("skipped_undecodable");
         if applied < producer.n_sent {
             n_mid_stream += 1;
         }
