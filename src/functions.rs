@@ -17,7 +17,8 @@ const BODY: &str = include_str!("functions.lua");
 /// The library source for an agent with this namespace and these topics:
 /// each topic's key prefix and store format are embedded, so a call needs
 /// no configuration read. A configuration change reaches Redis when the
-/// agent restarts (it reloads the library every time it connects).
+/// agent restarts (it reloads the library every time it connects, and when
+/// it finds it gone).
 pub fn library(namespace: &str, topics: &[TopicSettings]) -> String {
     let mut out = format!("#!lua name={LIBRARY_NAME}\n");
     out.push_str(&format!(

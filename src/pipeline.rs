@@ -47,6 +47,10 @@ const RETENTION_RETRY: Duration = Duration::from_secs(10);
 /// How often a running agent checks again that Redis does not evict and
 /// lets it do what it needs.
 const FIT_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// How often a running agent checks that the read functions are still
+/// loaded (a FUNCTION FLUSH, or a Redis that lost its functions but not
+/// the data, would leave every `FCALL_RO edgecache_get` failing).
+const FUNCTIONS_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Metadata is read this often while a configured topic does not exist.
 const MISSING_TOPIC_LOOK_EVERY: Duration = Duration::from_secs(5);
 
@@ -211,6 +215,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
             .unwrap_or_else(Instant::now),
         reported_stuck: BTreeMap::new(),
         fit_checked: Instant::now(),
+        functions_checked: Instant::now(),
         lineage_suspect: BTreeSet::new(),
         unfit: None,
         missing_topics: Vec::new(),
@@ -381,6 +386,8 @@ struct Pipeline<'s> {
     /// When Redis's eviction policy and the agent's permissions were last
     /// checked.
     fit_checked: Instant,
+    /// When the read functions were last seen loaded.
+    functions_checked: Instant,
     /// Topics found to be of another lineage whose resync is yet to start.
     lineage_due: BTreeSet<usize>,
     /// Partitions whose log end was below the stored offset at the last
@@ -1299,6 +1306,11 @@ impl Pipeline<'_> {
                 self.unfit = Some(why);
                 return Flow::Stop;
             }
+        }
+        if self.functions_checked.elapsed() >= FUNCTIONS_CHECK_EVERY && self.redis_problem.is_none()
+        {
+            self.functions_checked = Instant::now();
+            self.sink.ensure_read_functions().await;
         }
         self.isolate_oversize(source);
         self.poll_topic_ids(source).await;

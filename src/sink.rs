@@ -723,6 +723,35 @@ impl Sink {
         }
     }
 
+    /// Loads the read functions again if they are gone (FUNCTION FLUSH);
+    /// best effort: a Redis that does not answer or refuses is dealt with
+    /// by the apply path, and the functions are not the mirror.
+    pub async fn ensure_read_functions(&mut self) {
+        if self.read_functions.is_none() {
+            return;
+        }
+        let listed = self
+            .call(|mut c| async move {
+                redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg(crate::functions::LIBRARY_NAME)
+                    .query_async::<redis::Value>(&mut c)
+                    .await
+            })
+            .await;
+        match listed {
+            Ok(listed) if library_names(&listed).is_empty() => {
+                tracing::warn!(
+                    "the read functions were gone from Redis (FUNCTION FLUSH?); loading them again"
+                );
+                let _ = self.install_read_functions().await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("checking the read functions: {e}"),
+        }
+    }
+
     pub async fn fields(&mut self) -> Result<Fields, SinkError> {
         let key = self.keys.fields.clone();
         let pairs: Vec<(String, String)> = self

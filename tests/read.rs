@@ -801,6 +801,21 @@ fn agent_installs_functions_that_match_get() {
         expected
     );
     assert!(as_reader(&["SET", "postcard:k0", "x"]).starts_with("NOPERM"));
+    // The functions flushed while the data stays: loaded again within
+    // seconds (checked every 5 s).
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query(&mut conn)
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the library to be loaded again",
+        || {
+            let (got, _) = redis_cli(&redis, &["FUNCTION", "LIST", "LIBRARYNAME", "edgecache_f2"]);
+            got.contains("edgecache_f2")
+        },
+    );
+    check_all(&redis);
     // Redis lost everything (no persistence): the agent recreates its
     // marker, reloads the library and rehydrates.
     redis.restart();
