@@ -427,42 +427,32 @@ fn error(path: &str, field: &str, message: String) -> ConfigError {
 /// `[agent]`: its settings and the limits its memory budget derives.
 fn validate_agent(path: &str, agent: &AgentConfig) -> Result<(AgentSettings, Limits), ConfigError> {
     let err = |field: &str, message: String| error(path, field, message);
+    // Every [agent] number has a range; the message names it as written.
+    let within = |field: &str, value: u64, range: std::ops::RangeInclusive<u64>| {
+        if range.contains(&value) {
+            Ok(())
+        } else {
+            Err(err(
+                field,
+                format!("{value} is outside {}..={}", range.start(), range.end()),
+            ))
+        }
+    };
     let budget = agent.memory_budget_mib;
-    if !(4..=4096).contains(&budget) {
-        return Err(err(
-            "agent.memory_budget_mib",
-            format!("{budget} is outside 4..=4096"),
-        ));
-    }
+    within("agent.memory_budget_mib", budget.into(), 4..=4096)?;
     let max_batch = agent.max_batch_records;
-    if !(1..=BATCH_CAPACITY).contains(&max_batch) {
-        return Err(err(
-            "agent.max_batch_records",
-            format!("{max_batch} is outside 1..={BATCH_CAPACITY}"),
-        ));
-    }
+    within(
+        "agent.max_batch_records",
+        max_batch as u64,
+        1..=BATCH_CAPACITY as u64,
+    )?;
     let limits = Limits::from_budget(budget, max_batch);
     let ready = agent.ready_timeout_secs;
-    if !(1..=3600).contains(&ready) {
-        return Err(err(
-            "agent.ready_timeout_secs",
-            format!("{ready} is outside 1..=3600"),
-        ));
-    }
+    within("agent.ready_timeout_secs", ready, 1..=3600)?;
     let nice = agent.catch_up_nice;
-    if nice > 19 {
-        return Err(err(
-            "agent.catch_up_nice",
-            format!("{nice} is outside 0..=19"),
-        ));
-    }
+    within("agent.catch_up_nice", nice.into(), 0..=19)?;
     let discovery = agent.partition_discovery_secs;
-    if !(1..=3600).contains(&discovery) {
-        return Err(err(
-            "agent.partition_discovery_secs",
-            format!("{discovery} is outside 1..=3600"),
-        ));
-    }
+    within("agent.partition_discovery_secs", discovery, 1..=3600)?;
     let settings = AgentSettings {
         memory_budget_mib: budget,
         partition_discovery: std::time::Duration::from_secs(discovery),
