@@ -15,7 +15,8 @@ BIN=$(realpath "$1")
 TOPIC=$2
 BROKERS=${EDGECACHE_TEST_BROKERS:-127.0.0.1:39092}
 DIR=$(mktemp -d)
-PORT=$((20000 + RANDOM % 5000))
+# A free port, as benches/callgrind.sh picks one (a random one could be taken).
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 trap 'redis-cli -p $PORT shutdown nosave >/dev/null 2>&1 || true; rm -rf "$DIR"' EXIT
 redis-server --port "$PORT" --dir "$DIR" --appendonly yes --appendfsync everysec \
   --save "" --daemonize yes --logfile "$DIR/redis.log"
