@@ -5,10 +5,29 @@
 #   targets/build.sh aarch64-unknown-linux-musl      # fully static (cargo-zigbuild + zig)
 # Output: target/<TARGET>/release/edgecache. Installs what it needs (apt,
 # rustup target, cargo-zigbuild/ziglang for musl) and skips what is present.
-# Users with Docker can use `cross` instead (see Cross.toml).
+# Users with Docker can use `cross` instead (see Cross.toml); that build is
+# the plain release one, about 3.5 MB larger (BENCHMARKS.md, "Binary size").
+#
+# A gateway build is built for size (BENCHMARKS.md, "Binary size", has what
+# each step bought):
+# - OpenSSL built here from the source the openssl-src crate ships, without
+#   what a Kafka client never uses (TLS 1.0/1.1, DTLS, QUIC, SRP, PSK, legacy
+#   and national ciphers, OCSP, CMS, CT, engines...), at -Os; TLS 1.2 and 1.3
+#   with the usual suites, and PKCS#12 and encrypted PEM keys, remain;
+# - Rust at opt-level "z" and the C libraries at -Os (cargo passes the
+#   profile's opt-level to cc and cmake);
+# - no unwind tables (panic = "abort": nothing unwinds);
+# - zstd without its compression strategies beyond "fast": the agent only
+#   decompresses (librdkafka still links a compressor, the fast one).
+# EDGECACHE_SIZE_REPORT=1 also prints where the bytes come from
+# (targets/size.py, from an unstripped copy: edgecache.syms).
+# EDGECACHE_BUILD=speed keeps the release profile's opt-level 3 and the
+# vendored OpenSSL instead (the x86_64 benchmarks' configuration).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T=${1:?usage: targets/build.sh TARGET}
+MODE=${EDGECACHE_BUILD:-size}
+[[ $MODE == size || $MODE == speed ]] || { echo "EDGECACHE_BUILD must be size or speed" >&2; exit 2; }
 # The musl toolchain: cargo-zigbuild (crates.io) and zig (PyPI's ziglang).
 CARGO_ZIGBUILD_VERSION=0.24.1
 ZIG_VERSION=0.17.1
@@ -36,13 +55,82 @@ rustup target list --installed | grep -qx "$T" || rustup target add "$T"
 tvar=${T//-/_}                              # cc-rs/cmake-rs per-target names
 TVAR=$(tr '[:lower:]' '[:upper:]' <<<"$tvar") # cargo's CARGO_TARGET_<T>_LINKER
 
+# What OpenSSL leaves out. Kafka brokers speak TLS 1.2/1.3 (Java 17 turned
+# 1.0/1.1 off); librdkafka uses libssl, X.509, PEM, PKCS#12, HMAC/SHA-2
+# (SCRAM) and base64 (OAUTHBEARER), and nothing below. DES stays: PKCS#12
+# files and encrypted PEM keys written by older tools use 3DES.
+OPENSSL_OPTS=(no-shared no-module no-tests no-docs no-apps no-legacy no-engine no-dso
+  no-async no-comp no-zlib no-autoload-config no-ssl3 no-tls1 no-tls1_1 no-dtls
+  no-srp no-psk no-ssl-trace no-srtp no-quic no-ct no-ocsp no-cms no-ts
+  no-rfc3779 no-cmp no-http no-sm2 no-sm3 no-sm4 no-aria no-bf no-cast
+  no-camellia no-idea no-seed no-rc2 no-rc4 no-rc5 no-md2 no-md4 no-mdc2
+  no-whirlpool no-rmd160 no-dsa no-ec2m no-gost no-scrypt no-siphash no-siv
+  no-ocb no-blake2 no-argon2 no-ml-kem no-ml-dsa no-slh-dsa no-lms
+  no-ui-console no-filenames no-weak-ssl-ciphers no-nextprotoneg no-thread-pool
+  no-default-thread-pool no-sslkeylog no-tfo no-uplink no-padlockeng
+  no-afalgeng no-integrity-only-ciphers)
+# C flags for every C dependency of the gateway build (zstd's macros are
+# ignored by the others).
+SIZE_CFLAGS="-ffunction-sections -fdata-sections -fno-asynchronous-unwind-tables -fno-unwind-tables"
+ZSTD_CFLAGS=""
+for s in DFAST GREEDY LAZY LAZY2 BTLAZY2 BTOPT BTULTRA; do
+  ZSTD_CFLAGS+=" -DZSTD_EXCLUDE_${s}_BLOCK_COMPRESSOR"
+done
+
+# openssl_min CONFIGURE_TARGET CC AR RANLIB: builds the trimmed OpenSSL into
+# target/$T/openssl-min-<version>-<hash of the options> (kept between
+# builds; about 2 min on 2 cores) and prints that directory.
+openssl_min() {
+  local os_target=$1 cc=$2 ar=$3 ranlib=$4
+  local version src key dir
+  version=$(awk '/^name = "openssl-src"/{getline; print $3}' Cargo.lock | tr -d '"')
+  [[ -n $version ]] || { echo "openssl-src is not in Cargo.lock" >&2; return 1; }
+  cargo fetch --locked >/dev/null 2>&1 || cargo fetch --locked
+  src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"openssl-src-$version"/openssl | head -1)
+  [[ -d $src ]] || { echo "no openssl-src $version source in the cargo registry" >&2; return 1; }
+  key=$(printf '%s\n' "$os_target" "$cc" "$SIZE_CFLAGS" "${OPENSSL_OPTS[@]}" | sha256sum | cut -c1-12)
+  dir=$PWD/target/$T/openssl-min-$version-$key
+  if [[ ! -f $dir/lib/libssl.a ]]; then
+    local work=$PWD/target/$T/openssl-min-build
+    rm -rf "$work" "$dir"; cp -a "$src" "$work"
+    echo "== OpenSSL $version for $T (trimmed, -Os) into $dir" >&2
+    (cd "$work" &&
+      CC="$cc" AR="$ar" RANLIB="$ranlib" ./Configure "$os_target" --prefix="$dir" --libdir=lib \
+        "${OPENSSL_OPTS[@]}" -Os $SIZE_CFLAGS >configure.log 2>&1 &&
+      make -j"$(nproc)" build_libs >make.log 2>&1 && make install_dev >install.log 2>&1) ||
+      { echo "OpenSSL build failed; logs in $work" >&2; return 1; }
+    rm -rf "$work"
+  fi
+  echo "$dir"
+}
+
+# size_env DIR: the environment of a gateway build, per target so host build
+# scripts keep their defaults.
+size_env() {
+  # openssl-sys takes the trimmed build instead of its vendored one, and
+  # librdkafka's cmake finds the same one.
+  export "${TVAR}_OPENSSL_DIR=$1" "${TVAR}_OPENSSL_STATIC=1" "${TVAR}_OPENSSL_NO_VENDOR=1" "OPENSSL_ROOT_DIR=$1"
+  export "CFLAGS_$tvar=$SIZE_CFLAGS$ZSTD_CFLAGS"
+  export "CARGO_TARGET_${TVAR}_RUSTFLAGS=-C force-unwind-tables=no"
+  PROFILE_ARGS=(--config 'profile.release.opt-level="z"')
+}
+PROFILE_ARGS=()
+
 if [[ -n $gnu ]]; then
   apt_need "gcc-$gnu" "g++-$gnu" cmake make perl file
   # Per-target variables only, so host build scripts keep using the host cc.
   export "CC_$tvar=${gnu}-gcc" "CXX_$tvar=${gnu}-g++" "AR_$tvar=${gnu}-ar"
   # Rust links with the cross gcc so the target's glibc/crt files are used.
   export "CARGO_TARGET_${TVAR}_LINKER=${gnu}-gcc"
-  time cargo build --locked --release --target "$T" --bin edgecache
+  if [[ $MODE == size ]]; then
+    case $T in
+      aarch64-*) os_target=linux-aarch64 ;;
+      armv7-*)   os_target=linux-armv4 ;;
+    esac
+    size_env "$(openssl_min "$os_target" "${gnu}-gcc" "${gnu}-ar" "${gnu}-ranlib")"
+  fi
+  CARGO=(cargo)
+  time cargo build --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}"
 else
   # musl: zig ships musl libc + a clang for every target, so no Debian musl
   # cross gcc is needed (bookworm has none for aarch64). Result is static.
@@ -54,7 +142,26 @@ else
     cargo install --locked cargo-zigbuild --version "$CARGO_ZIGBUILD_VERSION"
   [[ "$(python3 -m ziglang version 2>/dev/null)" == "$ZIG_VERSION" ]] ||
     pip3 install --break-system-packages "ziglang==$ZIG_VERSION"
-  time cargo zigbuild --locked --release --target "$T" --bin edgecache
+  if [[ $MODE == size ]]; then
+    zig="$(command -v python3) -m ziglang"
+    size_env "$(openssl_min linux-aarch64 "$zig cc -target aarch64-linux-musl -fno-sanitize=all" "$zig ar" "$zig ranlib")"
+  fi
+  CARGO=(cargo-zigbuild)
+  time cargo zigbuild --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}"
+fi
+if [[ -n ${EDGECACHE_SIZE_REPORT:-} ]]; then
+  out=target/$T/release
+  # The same build linked once more with symbols, then the stripped one again.
+  "${CARGO[@]}" rustc --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}" -- -C strip=none
+  cp "$out/edgecache" "$out/edgecache.syms"
+  "${CARGO[@]}" rustc --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}"
+  archives=()
+  for lib in librdkafka.a libssl.a libcrypto.a libzstd.a libz.a; do
+    a=$(find "$out/build" ${OPENSSL_ROOT_DIR:+"$OPENSSL_ROOT_DIR"} -name "$lib" -printf '%T@ %p\n' 2>/dev/null |
+      sort -rn | head -1 | cut -d' ' -f2)
+    [[ -n $a ]] && archives+=("$a")
+  done
+  python3 targets/size.py "$out/edgecache.syms" "${archives[@]}"
 fi
 ls -l "target/$T/release/edgecache"
 file "target/$T/release/edgecache"
