@@ -11,10 +11,17 @@ use std::process::ExitCode;
 /// unit does not restart on it, since restarting cannot fix the file.
 pub const EXIT_CONFIG: u8 = 78;
 
+/// `--version`: says whether this build can speak TLS to Kafka (the `tls`
+/// cargo feature), which an operator cannot otherwise tell from outside.
+#[cfg(feature = "tls")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (tls)");
+#[cfg(not(feature = "tls"))]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (no tls)");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "edgecache",
-    version,
+    version = VERSION,
     about = "Mirror Kafka compacted topics into a local Redis"
 )]
 pub struct Cli {

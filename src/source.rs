@@ -985,11 +985,23 @@ pub fn check_properties(properties: &BTreeMap<String, String>) -> Result<(), Sou
     for (key, value) in properties {
         config.set(key, value);
     }
-    config
-        .create_native_config()
-        .map(|_| ())
-        .map_err(|e| SourceError::Config(e.to_string()))
+    config.create_native_config().map(|_| ()).map_err(|e| {
+        let mut message = e.to_string();
+        // librdkafka says "OpenSSL not available at build time" (or SCRAM,
+        // OAUTHBEARER); name the build option that gives them.
+        if !cfg!(feature = "tls") && message.contains("not available at build time") {
+            message.push_str(
+                " (this edgecache is built without the `tls` feature: use a build with TLS, \
+                 e.g. the default one)",
+            );
+        }
+        SourceError::Config(message)
+    })
 }
+
+/// The least `receive.message.max.bytes`: librdkafka's bound on a zstd
+/// batch's decompressed size (see where it is set).
+const ZSTD_GUESS_FLOOR: usize = 4 << 20;
 
 /// Default `fetch.wait.max.ms`: the longest an idle fetch is held by the
 /// broker (see where it is set).
@@ -1052,12 +1064,24 @@ pub fn consumer_properties(settings: &Settings) -> BTreeMap<String, String> {
         // must, to make progress), so responses must also fit one record
         // of the value cap, or a partition holding one would stall
         // instead of skipping it; 64 KiB covers the protocol framing.
+        // librdkafka also caps a zstd batch's decompressed size with it:
+        // without the size in the frame it tries 2x, 6x, 18x the
+        // compressed size and gives up past this limit, fetching the same
+        // batch again forever. Some guess lands below 3x the true size, so
+        // 4 MiB lets through every batch of up to 1.33 MiB uncompressed,
+        // which covers producers at their defaults (librdkafka's batch.size
+        // is 1 MB, Java's batches are bounded by max.request.size, 1 MiB);
+        // a third of the budget, when larger, also larger batches. The
+        // buffer is sized by the guess but only the pages written count in
+        // RSS (tests/lineage.rs).
         ("message.max.bytes", limits.fetch_max_bytes.to_string()),
         (
             "receive.message.max.bytes",
             (limits
                 .fetch_max_bytes
                 .max(limits.max_value_bytes + 64 * 1024)
+                .max(limits.memory_budget_bytes / 3)
+                .max(ZSTD_GUESS_FLOOR)
                 + 512)
                 .to_string(),
         ),
@@ -1098,9 +1122,10 @@ mod properties_tests {
         // 24 MiB less the fixed 10 MiB: 14 MiB of buffers.
         assert_eq!(properties["queued.max.messages.kbytes"], "3584");
         assert_eq!(properties["queued.min.messages"], "3584");
+        // A third of the budget, above the fetch share (1.75 MiB).
         assert_eq!(
             properties["receive.message.max.bytes"],
-            ((1792 << 10) + 512).to_string()
+            ((8 << 20) + 512).to_string()
         );
     }
 

@@ -21,6 +21,8 @@
 #   decompresses (librdkafka still links a compressor, the fast one).
 # EDGECACHE_SIZE_REPORT=1 also prints where the bytes come from
 # (targets/size.py, from an unstripped copy: edgecache.syms).
+# EDGECACHE_TLS=no builds without TLS (the `tls` cargo feature off: PLAINTEXT
+# and SASL PLAIN only) into target/<TARGET>/release/edgecache-notls.
 # EDGECACHE_BUILD=speed keeps the release profile's opt-level 3 and the
 # vendored OpenSSL instead (the x86_64 benchmarks' configuration).
 set -euo pipefail
@@ -28,6 +30,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T=${1:?usage: targets/build.sh TARGET}
 MODE=${EDGECACHE_BUILD:-size}
 [[ $MODE == size || $MODE == speed ]] || { echo "EDGECACHE_BUILD must be size or speed" >&2; exit 2; }
+TLS=${EDGECACHE_TLS:-yes}
+[[ $TLS == yes || $TLS == no ]] || { echo "EDGECACHE_TLS must be yes or no" >&2; exit 2; }
+FEATURE_ARGS=()
+[[ $TLS == no ]] && FEATURE_ARGS=(--no-default-features --features agent)
 # The musl toolchain: cargo-zigbuild (crates.io) and zig (PyPI's ziglang).
 CARGO_ZIGBUILD_VERSION=0.24.1
 ZIG_VERSION=0.17.1
@@ -109,7 +115,9 @@ openssl_min() {
 size_env() {
   # openssl-sys takes the trimmed build instead of its vendored one, and
   # librdkafka's cmake finds the same one.
-  export "${TVAR}_OPENSSL_DIR=$1" "${TVAR}_OPENSSL_STATIC=1" "${TVAR}_OPENSSL_NO_VENDOR=1" "OPENSSL_ROOT_DIR=$1"
+  if [[ -n $1 ]]; then
+    export "${TVAR}_OPENSSL_DIR=$1" "${TVAR}_OPENSSL_STATIC=1" "${TVAR}_OPENSSL_NO_VENDOR=1" "OPENSSL_ROOT_DIR=$1"
+  fi
   export "CFLAGS_$tvar=$SIZE_CFLAGS$ZSTD_CFLAGS"
   export "CARGO_TARGET_${TVAR}_RUSTFLAGS=-C force-unwind-tables=no"
   PROFILE_ARGS=(--config 'profile.release.opt-level="z"')
@@ -122,15 +130,17 @@ if [[ -n $gnu ]]; then
   export "CC_$tvar=${gnu}-gcc" "CXX_$tvar=${gnu}-g++" "AR_$tvar=${gnu}-ar"
   # Rust links with the cross gcc so the target's glibc/crt files are used.
   export "CARGO_TARGET_${TVAR}_LINKER=${gnu}-gcc"
-  if [[ $MODE == size ]]; then
+  if [[ $MODE == size && $TLS == yes ]]; then
     case $T in
       aarch64-*) os_target=linux-aarch64 ;;
       armv7-*)   os_target=linux-armv4 ;;
     esac
     size_env "$(openssl_min "$os_target" "${gnu}-gcc" "${gnu}-ar" "${gnu}-ranlib")"
+  elif [[ $MODE == size ]]; then
+    size_env ""
   fi
   CARGO=(cargo)
-  time cargo build --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}"
+  time cargo build --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}" "${FEATURE_ARGS[@]}"
 else
   # musl: zig ships musl libc + a clang for every target, so no Debian musl
   # cross gcc is needed (bookworm has none for aarch64). Result is static.
@@ -144,17 +154,21 @@ else
     pip3 install --break-system-packages "ziglang==$ZIG_VERSION"
   if [[ $MODE == size ]]; then
     zig="$(command -v python3) -m ziglang"
-    size_env "$(openssl_min linux-aarch64 "$zig cc -target aarch64-linux-musl -fno-sanitize=all" "$zig ar" "$zig ranlib")"
+    if [[ $TLS == yes ]]; then
+      size_env "$(openssl_min linux-aarch64 "$zig cc -target aarch64-linux-musl -fno-sanitize=all" "$zig ar" "$zig ranlib")"
+    else
+      size_env ""
+    fi
   fi
   CARGO=(cargo-zigbuild)
-  time cargo zigbuild --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}"
+  time cargo zigbuild --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}" "${FEATURE_ARGS[@]}"
 fi
 if [[ -n ${EDGECACHE_SIZE_REPORT:-} ]]; then
   out=target/$T/release
   # The same build linked once more with symbols, then the stripped one again.
-  "${CARGO[@]}" rustc --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}" -- -C strip=none
+  "${CARGO[@]}" rustc --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}" "${FEATURE_ARGS[@]}" -- -C strip=none
   cp "$out/edgecache" "$out/edgecache.syms"
-  "${CARGO[@]}" rustc --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}"
+  "${CARGO[@]}" rustc --locked --release --target "$T" --bin edgecache "${PROFILE_ARGS[@]}" "${FEATURE_ARGS[@]}"
   archives=()
   for lib in librdkafka.a libssl.a libcrypto.a libzstd.a libz.a; do
     a=$(find "$out/build" ${OPENSSL_ROOT_DIR:+"$OPENSSL_ROOT_DIR"} -name "$lib" -printf '%T@ %p\n' 2>/dev/null |
@@ -163,5 +177,12 @@ if [[ -n ${EDGECACHE_SIZE_REPORT:-} ]]; then
   done
   python3 targets/size.py "$out/edgecache.syms" "${archives[@]}"
 fi
-ls -l "target/$T/release/edgecache"
-file "target/$T/release/edgecache"
+out=target/$T/release/edgecache
+if [[ $TLS == no ]]; then
+  # Its own name, so a later TLS build, the .deb and the tests never pick
+  # up this one by mistake (cargo relinks the missing edgecache next time).
+  mv -f "$out" "$out-notls"
+  out=$out-notls
+fi
+ls -l "$out"
+file "$out"

@@ -171,7 +171,9 @@ fn redis_restored_from_an_older_snapshot() {
     let mut rng = Rng::new(13);
     producer.random_states(&mut rng, 1_000, 200);
     producer.flush();
-    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut config = AgentConfig::new(redis.url(), &topic, "device:");
+    config.extra_agent = "memory_budget_mib = 4".into();
+    let config = config.write(dir.path());
     let agent = Agent::start(&config);
     converges(&redis, &producer);
     let _: () = redis::cmd("SAVE").query(&mut redis.conn()).unwrap();
@@ -304,7 +306,9 @@ fn a_missing_topic_is_waited_for() {
     let topic = unique("lineage-missing");
     let redis = Redis::start(false);
     let dir = tempfile::tempdir().unwrap();
-    let config = AgentConfig::new(redis.url(), &topic, "device:").write(dir.path());
+    let mut config = AgentConfig::new(redis.url(), &topic, "device:");
+    config.extra_agent = "memory_budget_mib = 4".into();
+    let config = config.write(dir.path());
     let agent = Agent::start(&config);
     wait_until(Duration::from_secs(15), "state waiting-for-topic", || {
         redis.state().as_deref() == Some("waiting-for-topic")
@@ -336,24 +340,25 @@ fn an_oversized_record_stops_only_its_partition() {
         2,
         &[
             ("cleanup.policy", "compact"),
-            ("max.message.bytes", "3000000"),
+            ("max.message.bytes", "6000000"),
         ],
     );
     create_topic(&other_topic, 1);
     let redis = Redis::start(false);
     let dir = tempfile::tempdir().unwrap();
     let mut config = AgentConfig::new(redis.url(), &big_topic, "a:");
-    // The smallest budget: a response may be at most 1 MiB + 64 KiB.
+    // The smallest budget: a response may be at most 4 MiB (the floor for
+    // zstd batches; the value cap, 1 MiB, plus 64 KiB is less).
     config.extra_agent = "memory_budget_mib = 4".into();
     config
         .topics
         .push((other_topic.clone(), "b:".into(), "json", "postcard"));
     let config = config.write(dir.path());
-    let mut big = TestProducer::new(&big_topic);
+    let mut big = TestProducer::with(&brokers(), &big_topic, &[("message.max.bytes", "6000000")]);
     let mut other = TestProducer::new(&other_topic);
     big.send_to(Some(b"k0"), Some(b"{\"v\":0}"), Some(0));
     big.flush();
-    let giant = format!("{{\"blob\":\"{}\"}}", "x".repeat(1_900_000));
+    let giant = format!("{{\"blob\":\"{}\"}}", "x".repeat(4_500_000));
     big.send_to(Some(b"k1"), Some(giant.as_bytes()), Some(0));
     big.flush();
     big.send_to(Some(b"k2"), Some(b"{\"v\":2}"), Some(0));
@@ -405,6 +410,61 @@ fn an_oversized_record_stops_only_its_partition() {
     assert!(
         out.contains("partition-stuck") && out.contains("at offset 1"),
         "{out}"
+    );
+    drop(agent);
+}
+
+/// zstd batches as a default librdkafka producer writes them (up to 1 MB
+/// before compression, no content size in the frame) load. librdkafka
+/// guesses a frame's decompressed size as 2x, 6x, 18x... the compressed one
+/// and gives up past `receive.message.max.bytes`; when that was only the
+/// fetch share or the value cap (1.06 MiB at this budget, 1.75 MiB at the
+/// default), a batch whose guesses skipped the window failed with
+/// BadCompression and was fetched again forever, the agent stuck in
+/// `rehydrating` (found by the fleet benchmark's link mode, FLEET.md). The
+/// smallest budget makes that window 6% wide: without the 4 MiB floor this
+/// fails.
+#[test]
+fn zstd_batches_of_a_default_producer_load() {
+    let topic = unique("lineage-zstd");
+    create_topic_configs(&topic, 1, &[("cleanup.policy", "compact")]);
+    let mut producer = TestProducer::with(
+        &brokers(),
+        &topic,
+        &[
+            ("compression.type", "zstd"),
+            ("linger.ms", "200"),
+            ("batch.size", "1000000"),
+            ("batch.num.messages", "100000"),
+        ],
+    );
+    // Device-state-like JSON: repetitive, so it compresses about 6-10x.
+    for i in 0..12_000u32 {
+        let value = format!(
+            "{{\"device\":\"sensor-{i:05}\",\"site\":\"plant-{}\",\"status\":\"online\",\
+             \"temperature\":{}.{},\"firmware\":\"2.4.{}\",\"seen\":{}}}",
+            i % 7,
+            18 + i % 9,
+            i % 10,
+            i % 4,
+            1_700_000_000_000u64 + u64::from(i) * 997
+        );
+        producer.put(&format!("z{i}"), Some(&value));
+    }
+    // 12,000 records of ~150 bytes queued within the linger: about two
+    // batches of 1 MB uncompressed.
+    producer.flush();
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(redis.url(), &topic, "device:");
+    config.extra_agent = "memory_budget_mib = 4".into();
+    let config = config.write(dir.path());
+    let agent = Agent::start(&config);
+    converges(&redis, &producer);
+    assert!(
+        !agent.log_text().contains("BadCompression"),
+        "{}",
+        agent.log_text()
     );
     drop(agent);
 }

@@ -140,12 +140,23 @@ impl TestProducer {
 
     /// A producer to the given brokers instead of the shared test broker.
     pub fn at(brokers: &str, topic: &str) -> TestProducer {
-        let producer: BaseProducer<DeliveryCheck> = ClientConfig::new()
+        TestProducer::with(brokers, topic, &[])
+    }
+
+    /// The same, with librdkafka producer properties added or overridden
+    /// (compression, batch size).
+    pub fn with(brokers: &str, topic: &str, properties: &[(&str, &str)]) -> TestProducer {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("linger.ms", "5")
             .set("message.max.bytes", "2000000")
             // Per-key order must hold for the oracle, retries or not.
-            .set("enable.idempotence", "true")
+            .set("enable.idempotence", "true");
+        for (key, value) in properties {
+            config.set(*key, *value);
+        }
+        let producer: BaseProducer<DeliveryCheck> = config
             .create_with_context(DeliveryCheck::default())
             .expect("producer");
         TestProducer {
