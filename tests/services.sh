@@ -20,6 +20,13 @@
 #                   PORT+3  SASL_SSL: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
 #                 The CA, certificates, the client key's password and the SASL
 #                 user's password are generated at start under $RUN/kafka/clients/.
+# The plain broker's start also reads (for benches/fleet.rs; unset, one node as above):
+#   EDGECACHE_KAFKA_NODE_ID      this node's id (1)
+#   EDGECACHE_KAFKA_VOTERS       controller.quorum.voters (1@127.0.0.1:PORT+1); the nodes of a
+#                                cluster each start with the same voters and cluster id
+#   EDGECACHE_KAFKA_CLUSTER_ID   the id `format` writes (random)
+#   EDGECACHE_KAFKA_EXTRA_LISTENER  NAME://HOST:PORT, a second PLAINTEXT listener bound
+#                                and advertised there (clients behind an emulated link)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -149,8 +156,8 @@ write_config() {
   # then `format` needs no --standalone/--initial-controllers flags.
   cat >"$KDIR/server.properties" <<EOF
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$CPORT
+node.id=${EDGECACHE_KAFKA_NODE_ID:-1}
+controller.quorum.voters=${EDGECACHE_KAFKA_VOTERS:-1@127.0.0.1:$CPORT}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$KDIR/data
@@ -170,10 +177,14 @@ EOF
   if [[ $SECURE == yes ]]; then
     write_secure_listeners
   else
+    # Clients connect to the address a listener advertises: one for clients
+    # behind an emulated link advertises the link's far end.
+    local extra=${EDGECACHE_KAFKA_EXTRA_LISTENER:-} name=""
+    [[ -n $extra ]] && name=${extra%%://*}
     cat >>"$KDIR/server.properties" <<EOF
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT${extra:+,$extra}
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT${extra:+,$extra}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT${name:+,$name:PLAINTEXT}
 EOF
   fi
   # Kafka 4 logs through log4j2 only: a log4j 1.x log4j.properties is ignored
@@ -195,7 +206,7 @@ EOF
 }
 
 format_storage() {
-  local id=- scram=()
+  local id=${EDGECACHE_KAFKA_CLUSTER_ID:--} scram=()
   while [[ $id == -* ]]; do id=$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='); done
   if [[ $SECURE == yes ]]; then
     # KRaft keeps SCRAM credentials in the metadata log: adding them at
