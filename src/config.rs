@@ -489,6 +489,26 @@ fn validate_kafka(path: &str, kafka: &KafkaConfig) -> Result<KafkaSettings, Conf
         }
     }
 
+    // A build without TLS has librdkafka without SCRAM and OAUTHBEARER,
+    // which it would only notice when the client is created: refuse here
+    // (exit 78) instead of at every start. TLS itself librdkafka refuses
+    // while checking the properties.
+    if !cfg!(feature = "tls") {
+        for key in ["sasl.mechanisms", "sasl.mechanism"] {
+            if let Some(mechanism) = kafka.properties.get(key) {
+                if !mechanism.trim().eq_ignore_ascii_case("PLAIN") {
+                    return Err(err(
+                        &format!("kafka.properties.{key}"),
+                        format!(
+                            "{mechanism:?} needs a build with the `tls` feature (this one is \
+                             without: PLAIN only)"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
     // librdkafka opens these files only when the client is created, and
     // then says "ssl.ca.location failed: ..." without naming our file; a
     // missing CA or key must instead stop check-config (exit 78).

@@ -12,7 +12,11 @@
 # 4. build the arm64 .deb and inspect it (targets/deb.sh);
 # 5. run the unit under a real systemd: the host-arch .deb booted in a
 #    Debian 12 container (targets/systemd-test.sh, about 1.5 min with the
-#    root filesystem cached, 1-2 min more to make it).
+#    root filesystem cached, 1-2 min more to make it);
+# 6. build the static binary without TLS (EDGECACHE_TLS=no), print its
+#    size, check it refuses a TLS configuration with exit 78, and run the
+#    end-to-end basics with it under qemu (last, so a test summary closes
+#    the log).
 # The broker is 127.0.0.1:$EDGECACHE_KAFKA_PORT (default 39092) for every
 # step, the Rust tests included (tests/util/mod.rs reads the same variable).
 set -euo pipefail
@@ -51,3 +55,29 @@ fi
 EDGECACHE_TEST_BIN=$wrapper cargo test --locked --test secure -- --test-threads 2
 EDGECACHE_TEST_BIN=$wrapper cargo test --locked --test e2e -- --test-threads 2 \
   a_updates b_restart c_sigkill d_flushall e_bad f_store sigterm_while
+
+# Without TLS: the build for gateways that reach Kafka over a VPN or on site.
+EDGECACHE_TLS=no bash targets/build.sh "$T"
+notls=target/$T/release/edgecache-notls
+echo "== static $T binary without TLS: $(stat -c %s "$notls") bytes"
+EDGECACHE_BIN=$notls bash targets/qemu-smoke.sh "$T"
+# TLS, and SASL SCRAM (which librdkafka builds only with OpenSSL), must be
+# refused by check-config with exit 78, naming the feature.
+tls_config=$(mktemp --suffix .toml)
+for wants in '"security.protocol" = "ssl"' '"sasl.mechanisms" = "SCRAM-SHA-256"'; do
+  sed "s/^# \"security.protocol\" = \"ssl\".*/$wants/" systemd/edgecache.toml >"$tls_config"
+  grep -qF "$wants" "$tls_config"
+  set +e
+  refusal=$($(bash targets/qemu-smoke.sh --wrapper "$T") "$notls" check-config --config "$tls_config" 2>&1)
+  code=$?
+  set -e
+  if [[ $code != 78 || $refusal != *"the \`tls\` feature"* ]]; then
+    echo "the build without TLS did not refuse $wants clearly (exit $code): $refusal" >&2
+    exit 1
+  fi
+  echo "== OK: without TLS, $wants is refused (exit 78)"
+done
+rm -f "$tls_config"
+wrapper=$(EDGECACHE_BIN=$notls bash targets/qemu-smoke.sh --make-wrapper target/qemu/edgecache-notls "$T")
+echo "== end-to-end tests with the $T binary without TLS under qemu ($wrapper)"
+EDGECACHE_TEST_BIN=$wrapper cargo test --locked --test e2e -- --test-threads 2 a_updates c_sigkill f_store
