@@ -98,7 +98,7 @@ openssl_min() {
   dir=$PWD/target/$T/openssl-min-$version-$key
   if [[ ! -f $dir/lib/libssl.a ]]; then
     local work=$PWD/target/$T/openssl-min-build
-    rm -rf "$work" "$dir"; cp -a "$src" "$work"
+    rm -rf "$work" "$dir"; mkdir -p "$(dirname "$work")"; cp -a "$src" "$work"
     echo "== OpenSSL $version for $T (trimmed, -Os) into $dir" >&2
     (cd "$work" &&
       CC="$cc" AR="$ar" RANLIB="$ranlib" ./Configure "$os_target" --prefix="$dir" --libdir=lib \
@@ -117,6 +117,14 @@ size_env() {
   # librdkafka's cmake finds the same one.
   if [[ -n $1 ]]; then
     export "${TVAR}_OPENSSL_DIR=$1" "${TVAR}_OPENSSL_STATIC=1" "${TVAR}_OPENSSL_NO_VENDOR=1" "OPENSSL_ROOT_DIR=$1"
+    # cmake keeps the OpenSSL it found in its cache: a librdkafka configured
+    # earlier against another OpenSSL (vendored, or another option set)
+    # would be compiled against those headers. Such a cache is dropped.
+    local cache
+    for cache in target/"$T"/release/build/rdkafka-sys-*/out/build/CMakeCache.txt; do
+      [[ -f $cache ]] || continue
+      grep -qxF "OPENSSL_INCLUDE_DIR:PATH=$1/include" "$cache" || rm -f "$cache"
+    done
   fi
   export "CFLAGS_$tvar=$SIZE_CFLAGS$ZSTD_CFLAGS"
   export "CARGO_TARGET_${TVAR}_RUSTFLAGS=-C force-unwind-tables=no"
@@ -135,7 +143,10 @@ if [[ -n $gnu ]]; then
       aarch64-*) os_target=linux-aarch64 ;;
       armv7-*)   os_target=linux-armv4 ;;
     esac
-    size_env "$(openssl_min "$os_target" "${gnu}-gcc" "${gnu}-ar" "${gnu}-ranlib")"
+    # (An assignment, so set -e stops here when the OpenSSL build fails;
+    # as an argument the failure would go unnoticed.)
+    ossl=$(openssl_min "$os_target" "${gnu}-gcc" "${gnu}-ar" "${gnu}-ranlib")
+    size_env "$ossl"
   elif [[ $MODE == size ]]; then
     size_env ""
   fi
@@ -155,7 +166,8 @@ else
   if [[ $MODE == size ]]; then
     zig="$(command -v python3) -m ziglang"
     if [[ $TLS == yes ]]; then
-      size_env "$(openssl_min linux-aarch64 "$zig cc -target aarch64-linux-musl -fno-sanitize=all" "$zig ar" "$zig ranlib")"
+      ossl=$(openssl_min linux-aarch64 "$zig cc -target aarch64-linux-musl -fno-sanitize=all" "$zig ar" "$zig ranlib")
+      size_env "$ossl"
     else
       size_env ""
     fi
