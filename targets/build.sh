@@ -193,7 +193,10 @@ out=target/$T/release/edgecache
 if [[ $TLS == no ]]; then
   # Its own name, so a later TLS build, the .deb and the tests never pick
   # up this one by mistake (cargo relinks the missing edgecache next time).
-  mv -f "$out" "$out-notls"
+  # (cargo hard-links its output: a rebuild can leave both names on one
+  # file, which mv refuses; remove the old one first.)
+  rm -f "$out-notls"
+  mv "$out" "$out-notls"
   out=$out-notls
 fi
 ls -l "$out"
