@@ -10,6 +10,7 @@ mod util;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use util::*;
 
@@ -504,11 +505,16 @@ fn a_stale_replica_promoted() {
     let agent = Agent::start(&config);
     converges(&primary, &producer);
     // The replica has everything so far, then is promoted and stops following.
-    let _: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(5000)
-        .query(&mut primary.conn())
-        .unwrap();
+    // Polled rather than `WAIT 1 5000`: on a busy CI machine the replica's
+    // first full sync can take longer than WAIT's timeout (seen in CI).
+    let primary_offsets = primary.hgetall("edgecache:offsets");
+    wait_until(CONVERGE, "the replica to sync", || {
+        // LOADING while the replica takes in the primary's snapshot.
+        redis::cmd("HGETALL")
+            .arg("edgecache:offsets")
+            .query::<BTreeMap<String, String>>(&mut replica.conn())
+            .is_ok_and(|offsets| offsets == primary_offsets)
+    });
     let _: () = redis::cmd("REPLICAOF")
         .arg("NO")
         .arg("ONE")
