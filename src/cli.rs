@@ -10,6 +10,15 @@ use std::process::ExitCode;
 /// Exit code for a configuration error (sysexits' EX_CONFIG); the systemd
 /// unit does not restart on it, since restarting cannot fix the file.
 pub const EXIT_CONFIG: u8 = 78;
+/// `get`: the key is under no configured `key_prefix` (clap uses 2 for a
+/// bad command line too).
+pub const EXIT_NOT_MIRRORED: u8 = 2;
+/// `get`, `status`: Redis cannot be reached.
+pub const EXIT_REDIS_UNREACHABLE: u8 = 3;
+/// `get`: the stored bytes are not valid for the topic's store format.
+pub const EXIT_BAD_STORED: u8 = 4;
+/// The runtime could not start (sysexits' EX_SOFTWARE).
+pub const EXIT_SOFTWARE: u8 = 70;
 
 /// `--version`: says whether this build can speak TLS to Kafka (the `tls`
 /// cargo feature), which an operator cannot otherwise tell from outside.
@@ -169,7 +178,7 @@ fn sink_for(settings: &Settings) -> Result<Sink, ExitCode> {
 async fn get(settings: &Settings, key: &[u8], meta: bool) -> ExitCode {
     let Some(topic) = settings.topic_for_key(key) else {
         eprintln!("edgecache: no configured key_prefix matches this key");
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_NOT_MIRRORED);
     };
     let mut sink = match sink_for(settings) {
         Ok(sink) => sink,
@@ -190,11 +199,11 @@ async fn get(settings: &Settings, key: &[u8], meta: bool) -> ExitCode {
                 "edgecache: the value is not valid {} data: the key holds another Redis type",
                 topic.store
             );
-            return ExitCode::from(4);
+            return ExitCode::from(EXIT_BAD_STORED);
         }
         Err(e) => {
             eprintln!("edgecache: {e}");
-            return ExitCode::from(3);
+            return ExitCode::from(EXIT_REDIS_UNREACHABLE);
         }
     };
     // The table is read after the value: names are written no later than
@@ -204,7 +213,7 @@ async fn get(settings: &Settings, key: &[u8], meta: bool) -> ExitCode {
             Ok(fields) => fields,
             Err(e) => {
                 eprintln!("edgecache: {e}");
-                return ExitCode::from(3);
+                return ExitCode::from(EXIT_REDIS_UNREACHABLE);
             }
         },
         _ => codec::Fields::new(),
@@ -229,7 +238,7 @@ async fn get(settings: &Settings, key: &[u8], meta: bool) -> ExitCode {
                 "edgecache: the value is not valid {} data: {e}",
                 topic.store
             );
-            ExitCode::from(4)
+            ExitCode::from(EXIT_BAD_STORED)
         }
     }
 }
@@ -279,11 +288,11 @@ async fn status(settings: &Settings, json: bool) -> ExitCode {
         ),
         Err(e) if runtime.is_some() => {
             eprintln!("edgecache: {e}");
-            (Default::default(), ExitCode::from(3))
+            (Default::default(), ExitCode::from(EXIT_REDIS_UNREACHABLE))
         }
         Err(e) => {
             eprintln!("edgecache: {e}");
-            return ExitCode::from(3);
+            return ExitCode::from(EXIT_REDIS_UNREACHABLE);
         }
     };
     // The hash says what the agent last managed to write. A running agent

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("edgecache: cannot start the runtime: {e}");
-            return ExitCode::from(70);
+            return ExitCode::from(edgecache::cli::EXIT_SOFTWARE);
         }
     };
     let code = runtime.block_on(edgecache::cli::execute(cli));
