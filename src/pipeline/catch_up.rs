@@ -109,7 +109,7 @@ impl Pipeline<'_> {
 
     /// [`Pipeline::lag`] per partition.
     pub(super) fn partition_lag(&self, source: &Source) -> Option<Vec<(PartitionId, u64)>> {
-        partition_lag(&self.positions, &self.stuck_log_end, source)
+        partition_lag(&self.positions, &self.oversize.stuck_log_end, source)
     }
 
     /// Caught up when the lag is zero with nothing in hand; logs progress
@@ -123,7 +123,7 @@ impl Pipeline<'_> {
         // reported (state `partition-stuck`), not waited for.
         let lag: u64 = partition_lag
             .iter()
-            .filter(|(p, _)| !self.stuck.contains_key(p))
+            .filter(|(p, _)| !self.oversize.stuck.contains_key(p))
             .map(|(_, lag)| lag)
             .sum();
         if lag > 0 {
@@ -161,7 +161,7 @@ impl Pipeline<'_> {
     /// transaction keep next below the high mark: the tick's check, which
     /// knows librdkafka's position and the last stable offset, covers those.
     pub(super) fn applied_all_fetched(&self, source: &Source) -> bool {
-        applied_all_fetched(&self.positions, &self.stuck, source)
+        applied_all_fetched(&self.positions, &self.oversize.stuck, source)
     }
 
     pub(super) fn go_live(&mut self) {

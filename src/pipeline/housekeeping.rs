@@ -2,7 +2,6 @@
 //! sequence in Redis, Redis's fitness and read functions, the broker's
 //! reachability, topic configurations and IDs.
 
-use super::oversize::PROBE_FOR;
 use super::{liveness, Flow, Pipeline, Reload, State, TICK};
 use crate::sink::Held;
 use crate::source::Source;
@@ -79,10 +78,7 @@ impl Pipeline<'_> {
             source.mark_reachable();
         }
         self.discover_new(source);
-        let refusal_explains_it = self
-            .last_refused_at
-            .is_some_and(|at| at.elapsed() < PROBE_FOR);
-        if source.brokers_down() && refusal_explains_it {
+        if source.brokers_down() && self.oversize.refused_recently() {
             source.mark_reachable();
         }
         if source.brokers_down() && self.state != State::RedisUnreachable {

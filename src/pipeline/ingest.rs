@@ -103,6 +103,58 @@ fn decide<'a>(
     Decision::Apply(key, op)
 }
 
+/// Bad-record log lines, at most [`BAD_RECORD_LOG_LIMIT`] per window; the
+/// rest are counted and summed up in one line.
+#[derive(Debug)]
+pub(super) struct BadRecordLog {
+    logged: u32,
+    suppressed: u64,
+    window: Instant,
+}
+
+impl BadRecordLog {
+    pub(super) fn new() -> Self {
+        BadRecordLog {
+            logged: 0,
+            suppressed: 0,
+            window: Instant::now(),
+        }
+    }
+
+    fn log(
+        &mut self,
+        topic: &str,
+        partition: PartitionId,
+        offset: i64,
+        reason: SkipReason,
+        why: &str,
+    ) {
+        if self.window.elapsed() > BAD_RECORD_LOG_WINDOW {
+            if self.suppressed > 0 {
+                warn!(
+                    n = self.suppressed,
+                    "more bad records skipped (not logged one by one)"
+                );
+            }
+            self.window = Instant::now();
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < BAD_RECORD_LOG_LIMIT {
+            self.logged += 1;
+            warn!(
+                topic = %topic,
+                partition = partition.1,
+                offset,
+                reason = reason.counter(),
+                "skipping record: {why}"
+            );
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
 impl Pipeline<'_> {
     pub(super) async fn handle_record(&mut self, source: &Source, incoming: Incoming<'_>) -> Flow {
         if source.brokers_down() {
@@ -199,30 +251,8 @@ impl Pipeline<'_> {
         why: &str,
     ) -> Flow {
         self.batch.skip(partition, offset, reason);
-        if self.bad_window.elapsed() > BAD_RECORD_LOG_WINDOW {
-            if self.bad_suppressed > 0 {
-                warn!(
-                    n = self.bad_suppressed,
-                    "more bad records skipped (not logged one by one)"
-                );
-            }
-            self.bad_window = Instant::now();
-            self.bad_logged = 0;
-            self.bad_suppressed = 0;
-        }
-        if self.bad_logged < BAD_RECORD_LOG_LIMIT {
-            self.bad_logged += 1;
-            let topic = &self.settings.topics[partition.0].name;
-            warn!(
-                topic = %topic,
-                partition = partition.1,
-                offset,
-                reason = reason.counter(),
-                "skipping record: {why}"
-            );
-        } else {
-            self.bad_suppressed += 1;
-        }
+        let topic = &self.settings.topics[partition.0].name;
+        self.bad_records.log(topic, partition, offset, reason, why);
         Flow::Continue
     }
 }

@@ -42,7 +42,8 @@ mod resyncing;
 mod status;
 
 use apply::InFlight;
-use oversize::Isolating;
+use ingest::BadRecordLog;
+use oversize::Oversize;
 use poller::Poller;
 use status::Reported;
 pub use status::State;
@@ -141,9 +142,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         records_since_start: 0,
         last_apply: Instant::now(),
         discovery: Poller::from_answer(Instant::now()),
-        bad_logged: 0,
-        bad_suppressed: 0,
-        bad_window: Instant::now(),
+        bad_records: BadRecordLog::new(),
         encoded: Vec::new(),
         fields: Fields::new(),
         in_flight: None,
@@ -162,16 +161,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         stored_ids: BTreeMap::new(),
         new_ids: BTreeMap::new(),
         topic_ids: Poller::from_start(None),
-        oversize_seen: 0,
-        isolating: None,
-        stuck: BTreeMap::new(),
-        stuck_log_end: BTreeMap::new(),
-        stuck_task: None,
-        last_stuck_at: None,
-        last_refused_at: None,
-        last_log_end: Instant::now()
-            .checked_sub(TICK * 10)
-            .unwrap_or_else(Instant::now),
+        oversize: Oversize::new(),
         reported_stuck: BTreeMap::new(),
         fit_checked: Instant::now(),
         functions_checked: Instant::now(),
@@ -272,9 +262,8 @@ struct Pipeline<'s> {
     /// Broker metadata (partitions) read in the background; see
     /// [`Pipeline::discover_new`].
     discovery: Poller<Result<Vec<PartitionId>, SourceError>>,
-    bad_logged: u32,
-    bad_suppressed: u64,
-    bad_window: Instant,
+    /// Rate limit of the bad-record log lines.
+    bad_records: BadRecordLog,
     /// Reused encode buffer.
     encoded: Vec<u8>,
     /// The namespace's field table (stored format 2), as loaded with the
@@ -316,22 +305,9 @@ struct Pipeline<'s> {
     /// IDs of recreated topics, written once their resync is noted.
     new_ids: BTreeMap<usize, String>,
     topic_ids: Poller<Result<Vec<Option<String>>, SourceError>>,
-    /// Fetch responses over `receive.message.max.bytes` seen so far.
-    oversize_seen: u64,
-    /// The search for the partition whose record batch is too large.
-    isolating: Option<Isolating>,
-    /// Partitions paused because their next record batch is larger than the
-    /// agent may receive, and the offset each is stuck at.
-    stuck: BTreeMap<PartitionId, i64>,
-    /// Their log ends, asked of the broker (paused partitions are not
-    /// fetched, so librdkafka's watermarks for them go stale).
-    stuck_log_end: BTreeMap<PartitionId, i64>,
-    stuck_task: Option<LogEndTask>,
-    last_stuck_at: Option<Instant>,
-    /// When librdkafka last refused an oversized response: the dropped
-    /// connection that follows is that, not a broker outage.
-    last_refused_at: Option<Instant>,
-    last_log_end: Instant,
+    /// Partitions whose record batch is too large: the search and its
+    /// findings.
+    oversize: Oversize,
     /// `stuck.<topic>/<p>` fields as last written to the status hash.
     reported_stuck: BTreeMap<PartitionId, i64>,
     /// When Redis's eviction policy and the agent's permissions were last
@@ -353,8 +329,6 @@ struct Pipeline<'s> {
     runtime_file: Option<std::path::PathBuf>,
     written_runtime: Option<(State, Option<String>)>,
 }
-
-type LogEndTask = tokio::task::JoinHandle<Result<Vec<(PartitionId, i64)>, SourceError>>;
 
 impl Pipeline<'_> {
     async fn run(&mut self, source: &Source) -> Result<(), RunError> {

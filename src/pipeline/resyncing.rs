@@ -143,11 +143,7 @@ impl Pipeline<'_> {
             error!("{e}");
         }
         source.forget_watermarks();
-        // A new assignment resumes every partition: an oversized batch is
-        // found again if it is still ahead.
-        self.stuck.clear();
-        self.stuck_log_end.clear();
-        self.isolating = None;
+        self.oversize.forget();
     }
 
     /// Starts counting a new catch-up (rehydrate or resync) for the progress

@@ -128,14 +128,14 @@ impl Pipeline<'_> {
             .filter(|p| !self.positions.contains_key(p))
             .map(|p| format!("lag.{}/{}", self.settings.topics[p.0].name, p.1))
             .collect();
-        for (partition, at) in &self.stuck {
+        for (partition, at) in &self.oversize.stuck {
             if self.reported_stuck.get(partition) != Some(at) {
                 let topic = &self.settings.topics[partition.0].name;
                 fields.push((format!("stuck.{topic}/{}", partition.1), at.to_string()));
             }
         }
         for partition in self.reported_stuck.keys() {
-            if !self.stuck.contains_key(partition) {
+            if !self.oversize.stuck.contains_key(partition) {
                 let topic = &self.settings.topics[partition.0].name;
                 stuck_gone.push(format!("stuck.{topic}/{}", partition.1));
             }
@@ -144,7 +144,7 @@ impl Pipeline<'_> {
             let gone: Vec<&str> = stuck_gone.iter().map(String::as_str).collect();
             if self.sink.clear_status(&gone).await.is_ok() {
                 self.reported_stuck
-                    .retain(|p, _| self.stuck.contains_key(p));
+                    .retain(|p, _| self.oversize.stuck.contains_key(p));
                 let positions = &self.positions;
                 self.reported
                     .partition_lag
@@ -162,7 +162,7 @@ impl Pipeline<'_> {
             .collect();
         match self.sink.set_status(&fields).await {
             Ok(()) => {
-                self.reported_stuck = self.stuck.clone();
+                self.reported_stuck = self.oversize.stuck.clone();
                 self.reported.partition_lag.extend(changed);
                 if contact_changed {
                     self.reported.last_contact_ms = last_contact_ms;
@@ -217,7 +217,7 @@ impl Pipeline<'_> {
             self.state,
             self.caught_up,
             !self.missing_topics.is_empty(),
-            !self.stuck.is_empty(),
+            !self.oversize.stuck.is_empty(),
         )
     }
 
@@ -263,7 +263,7 @@ impl Pipeline<'_> {
                 let mut zeroed = Vec::new();
                 if lag == 0 {
                     for (&partition, &reported) in &self.reported.partition_lag {
-                        if reported != 0 && !self.stuck.contains_key(&partition) {
+                        if reported != 0 && !self.oversize.stuck.contains_key(&partition) {
                             let topic = &self.settings.topics[partition.0].name;
                             fields.push((format!("lag.{topic}/{}", partition.1), "0".to_owned()));
                             zeroed.push(partition);
