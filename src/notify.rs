@@ -17,17 +17,29 @@ pub struct Notifier {
     ready_sent: bool,
 }
 
+/// Half of `$WATCHDOG_USEC`, as systemd recommends; `None` when the watchdog
+/// is off, or when `$WATCHDOG_PID` names another process (the variables were
+/// inherited, e.g. by a command an `ExecStartPre=` ran).
+fn watchdog_every(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Option<Duration> {
+    if pid.is_some_and(|pid| pid.parse::<u32>().ok() != Some(own_pid)) {
+        return None;
+    }
+    usec.and_then(|usec| usec.parse::<u64>().ok())
+        .filter(|usec| *usec > 0)
+        .map(|usec| Duration::from_micros(usec / 2))
+}
+
 impl Notifier {
     pub fn from_env() -> Notifier {
         let socket = std::env::var("NOTIFY_SOCKET").ok().and_then(|path| {
             let socket = UnixDatagram::unbound().ok()?;
             Some((socket, path))
         });
-        let watchdog_every = std::env::var("WATCHDOG_USEC")
-            .ok()
-            .and_then(|usec| usec.parse::<u64>().ok())
-            .filter(|usec| *usec > 0)
-            .map(|usec| Duration::from_micros(usec / 2));
+        let watchdog_every = watchdog_every(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        );
         Notifier {
             socket,
             watchdog_every,
@@ -86,5 +98,21 @@ impl Notifier {
             self.last_watchdog = Some(Instant::now());
             self.send("WATCHDOG=1");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_is_pinged_by_the_process_systemd_named_only() {
+        let half = Some(Duration::from_secs(15));
+        assert_eq!(watchdog_every(Some("30000000"), None, 7), half);
+        assert_eq!(watchdog_every(Some("30000000"), Some("7"), 7), half);
+        assert_eq!(watchdog_every(Some("30000000"), Some("8"), 7), None);
+        assert_eq!(watchdog_every(Some("30000000"), Some("x"), 7), None);
+        assert_eq!(watchdog_every(Some("0"), None, 7), None);
+        assert_eq!(watchdog_every(None, Some("7"), 7), None);
     }
 }
