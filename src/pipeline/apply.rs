@@ -123,10 +123,8 @@ impl Pipeline<'_> {
                     self.applied(source, batch, started).await;
                     return Flow::Continue;
                 }
-                Err(SinkError::Lost) => return self.rehydrate(source, Reload::Lost).await,
-                Err(SinkError::Diverged(why)) => {
-                    return self.rehydrate(source, Reload::Diverged(why)).await
-                }
+                Err(SinkError::Lost) => return Flow::Reload(Reload::Lost),
+                Err(SinkError::Diverged(why)) => return Flow::Reload(Reload::Diverged(why)),
                 Err(e) => {
                     if self.redis_problem.as_ref().map(|p| p.0.as_str()) != Some(e.reason()) {
                         warn!("{e}; keeping the batch and retrying");
@@ -197,7 +195,8 @@ impl Pipeline<'_> {
     /// Redis no longer holds what the agent wrote: drop the batches in
     /// hand, adopt (or recreate) the marker, and read every partition again
     /// from the offsets Redis holds now (the earliest when it holds none).
-    /// A resync in progress starts again from there.
+    /// A resync in progress starts again from there. Called by the loop
+    /// only ([`Pipeline::follow`]): Continue or Stop.
     pub(super) async fn rehydrate(&mut self, source: &Source, why: Reload) -> Flow {
         match &why {
             Reload::Lost => {
@@ -242,6 +241,6 @@ impl Pipeline<'_> {
             return Flow::Stop;
         }
         self.write_state().await;
-        Flow::Rehydrated
+        Flow::Continue
     }
 }

@@ -37,13 +37,14 @@ impl Pipeline<'_> {
                     }
                 }
                 Ok(Held::Lost) => {
-                    if self.rehydrate(source, Reload::Lost).await == Flow::Stop {
+                    if self.follow(source, Flow::Reload(Reload::Lost)).await == Flow::Stop {
                         return Flow::Stop;
                     }
                 }
                 Ok(Held::Diverged) => {
                     let why = format!("its apply sequence is not {}", self.sink.seq());
-                    if self.rehydrate(source, Reload::Diverged(why)).await == Flow::Stop {
+                    let flow = Flow::Reload(Reload::Diverged(why));
+                    if self.follow(source, flow).await == Flow::Stop {
                         return Flow::Stop;
                     }
                 }
@@ -100,9 +101,11 @@ impl Pipeline<'_> {
             if self.idle() && self.check_lineage(source).await == Flow::Stop {
                 return Flow::Stop;
             }
-            if self.idle() && self.lag == Some(0) && self.missed_deletes(source).await == Flow::Stop
-            {
-                return Flow::Stop;
+            if self.idle() && self.lag == Some(0) {
+                let flow = self.missed_deletes(source).await;
+                if self.follow(source, flow).await == Flow::Stop {
+                    return Flow::Stop;
+                }
             }
         }
         self.write_state().await;

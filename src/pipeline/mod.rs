@@ -67,14 +67,15 @@ pub enum RunError {
 #[derive(Debug, PartialEq, Eq)]
 enum Flow {
     Continue,
-    /// The batch was dropped and every partition restarted from the earliest
-    /// offset: records already in hand belong to the old assignment.
-    Rehydrated,
+    /// Redis lost or changed what the agent wrote: the records in hand are
+    /// dropped on the way up, and the loop rehydrates
+    /// ([`Pipeline::follow`]). Jobs below the loop never do it themselves.
+    Reload(Reload),
     Stop,
 }
 
 /// Why the agent re-reads its positions from Redis.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum Reload {
     /// The marker is gone or another.
     Lost,
@@ -392,7 +393,7 @@ impl Pipeline<'_> {
                 }
                 event = source.recv() => self.handle(source, event).await,
             };
-            if flow == Flow::Stop {
+            if self.follow(source, flow).await == Flow::Stop {
                 break;
             }
             // Take what is already buffered, up to the batch caps.
@@ -400,9 +401,9 @@ impl Pipeline<'_> {
                 let Some(event) = source.try_recv() else {
                     break;
                 };
-                match self.handle(source, event).await {
-                    Flow::Stop => break 'outer,
-                    Flow::Rehydrated | Flow::Continue => {}
+                let flow = self.handle(source, event).await;
+                if self.follow(source, flow).await == Flow::Stop {
+                    break 'outer;
                 }
             }
             // A full batch stopped the loop above, so more records are
@@ -414,9 +415,18 @@ impl Pipeline<'_> {
             } else {
                 self.flush(source).await
             };
-            if flow == Flow::Stop {
+            if self.follow(source, flow).await == Flow::Stop {
                 break;
             }
+        }
+    }
+
+    /// Acts on what a job returned: a reload Redis asked for is done here,
+    /// at the loop's level, never inside the record path. Continue or Stop.
+    async fn follow(&mut self, source: &Source, flow: Flow) -> Flow {
+        match flow {
+            Flow::Reload(why) => self.rehydrate(source, why).await,
+            other => other,
         }
     }
 

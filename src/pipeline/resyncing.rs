@@ -270,10 +270,8 @@ impl Pipeline<'_> {
         for prefix in &prefixes {
             match self.sink.sweep(prefix).await {
                 Ok(n) => removed += n,
-                Err(SinkError::Lost) => return self.rehydrate(source, Reload::Lost).await,
-                Err(SinkError::Diverged(why)) => {
-                    return self.rehydrate(source, Reload::Diverged(why)).await
-                }
+                Err(SinkError::Lost) => return Flow::Reload(Reload::Lost),
+                Err(SinkError::Diverged(why)) => return Flow::Reload(Reload::Diverged(why)),
                 Err(e) => {
                     warn!("{e}; will sweep again");
                     return Flow::Continue;
