@@ -160,7 +160,7 @@ impl Pipeline<'_> {
             self.positions.insert(partition, Start::At(next));
         }
         let counts = batch.counts();
-        self.records_since_start += counts.records + counts.noted;
+        self.progress.applied(counts.records + counts.noted);
         self.last_apply = Instant::now();
         if self.redis_problem.is_some() || self.state == State::RedisUnreachable {
             self.redis_fine().await;

@@ -96,6 +96,57 @@ fn applied_all_fetched(
         })
 }
 
+/// The progress of one catch-up (the start, a rehydrate, a resync), for its
+/// log lines.
+#[derive(Debug)]
+pub(super) struct Progress {
+    started: Instant,
+    /// Records applied, or noted by a resync, since `started`.
+    records: u64,
+    /// When the last progress line was logged, and `records` then.
+    logged_at: Instant,
+    logged_records: u64,
+}
+
+impl Progress {
+    pub(super) fn new() -> Self {
+        Progress {
+            started: Instant::now(),
+            records: 0,
+            logged_at: Instant::now(),
+            logged_records: 0,
+        }
+    }
+
+    pub(super) fn applied(&mut self, records: u64) {
+        self.records += records;
+    }
+
+    /// A line with the rate and the time left every [`PROGRESS_EVERY`].
+    fn log(&mut self, lag: u64) {
+        let elapsed = self.logged_at.elapsed();
+        if elapsed < PROGRESS_EVERY {
+            return;
+        }
+        let applied = self.records - self.logged_records;
+        let rate = applied as f64 / elapsed.as_secs_f64();
+        let eta = if rate > 0.0 {
+            format!("{:.0}s", lag as f64 / rate)
+        } else {
+            "unknown".to_owned()
+        };
+        info!(
+            n_records = self.records,
+            records_per_s = rate as u64,
+            lag,
+            eta = %eta,
+            "catching up"
+        );
+        self.logged_at = Instant::now();
+        self.logged_records = self.records;
+    }
+}
+
 impl Pipeline<'_> {
     /// Records Kafka has that Redis does not yet, summed over partitions,
     /// from the watermarks librdkafka last reported; `None` until every
@@ -127,25 +178,7 @@ impl Pipeline<'_> {
             .map(|(_, lag)| lag)
             .sum();
         if lag > 0 {
-            let elapsed = self.progress_at.elapsed();
-            if elapsed >= PROGRESS_EVERY {
-                let applied = self.records_since_start - self.progress_records;
-                let rate = applied as f64 / elapsed.as_secs_f64();
-                let eta = if rate > 0.0 {
-                    format!("{:.0}s", lag as f64 / rate)
-                } else {
-                    "unknown".to_owned()
-                };
-                info!(
-                    n_records = self.records_since_start,
-                    records_per_s = rate as u64,
-                    lag,
-                    eta = %eta,
-                    "catching up"
-                );
-                self.progress_at = Instant::now();
-                self.progress_records = self.records_since_start;
-            }
+            self.progress.log(lag);
             return;
         }
         self.go_live();
@@ -169,9 +202,9 @@ impl Pipeline<'_> {
             // Live only after the sweep (`finish_resync`).
             return;
         }
-        let seconds = self.catch_up_started.elapsed().as_secs_f64();
+        let seconds = self.progress.started.elapsed().as_secs_f64();
         info!(
-            n_records = self.records_since_start,
+            n_records = self.progress.records,
             seconds = format!("{seconds:.1}"),
             "caught up; live"
         );

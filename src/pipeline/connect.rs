@@ -2,6 +2,7 @@
 //! agent at all) and Kafka (metadata, the assignment, partitions that appear
 //! or vanish later).
 
+use super::catch_up::Progress;
 use super::{await_alive, stored_starts, Flow, Pipeline, Reported, State};
 use crate::backoff::Backoff;
 use crate::batch::PartitionId;
@@ -9,7 +10,7 @@ use crate::checkpoint::Start;
 use crate::codec;
 use crate::sink::SinkError;
 use crate::source::Source;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tracing::{debug, error, info, warn};
 
 /// Metadata is read this often while a configured topic does not exist.
@@ -208,7 +209,7 @@ impl Pipeline<'_> {
                     }
                     self.log_start_unchecked = stored_starts(&starts);
                     self.discovery.restart_clock();
-                    self.catch_up_started = Instant::now();
+                    self.progress = Progress::new();
                     return Flow::Continue;
                 }
                 Err(e) => {

@@ -42,6 +42,7 @@ mod resyncing;
 mod status;
 
 use apply::InFlight;
+use catch_up::Progress;
 use ingest::BadRecordLog;
 use oversize::Oversize;
 use poller::Poller;
@@ -135,12 +136,9 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> Res
         ready_by: Instant::now() + settings.agent.ready_timeout,
         lag: None,
         written_lag: None,
-        progress_at: Instant::now(),
-        progress_records: 0,
         caught_up: false,
         priority: Priority::new(settings.agent.catch_up_nice),
-        catch_up_started: Instant::now(),
-        records_since_start: 0,
+        progress: Progress::new(),
         last_apply: Instant::now(),
         discovery: Poller::from_answer(Instant::now()),
         bad_records: BadRecordLog::new(),
@@ -252,13 +250,11 @@ struct Pipeline<'s> {
     /// Last computed lag and the value last written to the status hash.
     lag: Option<u64>,
     written_lag: Option<u64>,
-    progress_at: Instant,
-    progress_records: u64,
     caught_up: bool,
     /// Niceness: raised while not caught up (src/priority.rs).
     priority: Priority,
-    catch_up_started: Instant,
-    records_since_start: u64,
+    /// The current catch-up's progress, for its log lines.
+    progress: Progress,
     last_apply: Instant,
     /// Broker metadata (partitions) read in the background; see
     /// [`Pipeline::discover_new`].

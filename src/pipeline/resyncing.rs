@@ -2,7 +2,7 @@
 //! may have been missed or a topic is of another lineage (recreated,
 //! truncated), then sweeping the keys not seen again.
 
-use super::catch_up::Marks;
+use super::catch_up::{Marks, Progress};
 use super::{Flow, Pipeline, Reload, State};
 use crate::batch::PartitionId;
 use crate::checkpoint::Start;
@@ -151,10 +151,7 @@ impl Pipeline<'_> {
     pub(super) fn restart_catch_up(&mut self) {
         self.caught_up = false;
         self.priority.set(true);
-        self.catch_up_started = Instant::now();
-        self.records_since_start = 0;
-        self.progress_at = Instant::now();
-        self.progress_records = 0;
+        self.progress = Progress::new();
     }
 
     pub(super) fn prefixes(&self, topics: &BTreeSet<usize>) -> Vec<Vec<u8>> {
