@@ -72,21 +72,39 @@ pub enum Command {
 
 /// Logs go to stderr. Under systemd (JOURNAL_STREAM set) journald adds its
 /// own timestamps, so ours are left out. `EDGECACHE_LOG` (or `RUST_LOG`)
-/// takes a tracing filter such as `info,librdkafka=debug`.
+/// takes a list of `[target=]level` directives such as
+/// `info,librdkafka=debug`; an invalid one is reported and `info` is used.
+///
+/// `Targets` rather than tracing-subscriber's `EnvFilter`: the agent's
+/// logs only need levels per target, and `EnvFilter`'s span and field
+/// matching links regex-automata's DFA builder into the static binary.
 pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("EDGECACHE_LOG")
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let spec = std::env::var("EDGECACHE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(filter))
+    let (filter, invalid) = match spec.parse::<Targets>() {
+        Ok(filter) => (filter, None),
+        Err(e) => (Targets::new().with_default(tracing::Level::INFO), Some(e)),
+    };
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = !journald && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_target(false);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).init();
+        .with_target(false)
+        .with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
+    if journald {
+        registry.with(layer.without_time()).init();
     } else {
-        use std::io::IsTerminal;
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        registry.with(layer).init();
+    }
+    if let Some(e) = invalid {
+        tracing::warn!(
+            "EDGECACHE_LOG/RUST_LOG {spec:?} is not a list of [target=]level: {e}; logging at info"
+        );
     }
 }
 
