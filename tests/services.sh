@@ -140,7 +140,29 @@ kafka_start() {
   [[ $SECURE == yes ]] && make_credentials
   write_config
   format_storage
-  launch
+  reserve_ports
+  # A client connection of another program may hold one of the broker's
+  # ports as its ephemeral local port (the ports are inside Linux's
+  # ephemeral range; seen in CI after the fleet smoke): wait for it to go.
+  local attempt
+  for attempt in 1 2 3 4 5 6 7; do
+    BIND_RETRY=$((attempt < 7)) launch && return 0
+    log "a port of the broker is held by another socket; trying again in 10 s"
+    sleep 10
+  done
+}
+
+# Takes the broker's ports out of the kernel's ephemeral port range, so a
+# client connection is never given one of them as its local port. Needs
+# root; without it the retry above is what is left.
+reserve_ports() {
+  local file=/proc/sys/net/ipv4/ip_local_reserved_ports want
+  [[ -w $file ]] || return 0
+  want="$PORT-$((PORT + 3))"
+  local held
+  held=$(<"$file")
+  [[ ",$held," == *",$want,"* ]] && return 0
+  echo "${held:+$held,}$want" >"$file" 2>/dev/null || true
 }
 
 # Start again after kafka-stop, keeping topics and data (outage tests).
@@ -295,6 +317,10 @@ launch() {
     # bash's, and broker_pid would call a starting broker dead.
     sleep 0.5
     if ! broker_pid >/dev/null; then
+      if [[ ${BIND_RETRY:-0} == 1 ]] && grep -q 'Address already in use' "$LOG" 2>/dev/null; then
+        rm -f "$PIDFILE"
+        return 1
+      fi
       show_failure
       die "Kafka exited during startup"
     fi
