@@ -140,21 +140,12 @@ kafka_start() {
   [[ $SECURE == yes ]] && make_credentials
   write_config
   format_storage
-  reserve_ports
-  # A client connection of another program may hold one of the broker's
-  # ports as its ephemeral local port (the ports are inside Linux's
-  # ephemeral range; seen in CI after the fleet smoke): wait for it to go.
-  local attempt
-  for attempt in 1 2 3 4 5 6 7; do
-    BIND_RETRY=$((attempt < 7)) launch && return 0
-    log "a port of the broker is held by another socket; trying again in 10 s"
-    sleep 10
-  done
+  launch
 }
 
 # Takes the broker's ports out of the kernel's ephemeral port range, so a
 # client connection is never given one of them as its local port. Needs
-# root; without it the retry above is what is left.
+# root; without it the retry in `launch` is what is left.
 reserve_ports() {
   local file=/proc/sys/net/ipv4/ip_local_reserved_ports want
   [[ -w $file ]] || return 0
@@ -291,7 +282,22 @@ listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.se
 EOF
 }
 
+# Starts the broker (a fresh one or a resumed one). A client connection of
+# another program may hold one of the broker's ports as its ephemeral local
+# port (the ports are inside Linux's ephemeral range; seen in CI after the
+# fleet smoke): the ports are reserved, and a start that fails to bind is
+# tried again while that connection goes.
 launch() {
+  reserve_ports
+  local attempt
+  for attempt in 1 2 3 4 5 6 7; do
+    BIND_RETRY=$((attempt < 7)) launch_once && return 0
+    log "a port of the broker is held by another socket; trying again in 10 s"
+    sleep 10
+  done
+}
+
+launch_once() {
   # A resumed broker's old log already says "started": keep it aside so the
   # readiness check below reads only this run's log.
   [[ -f $LOG ]] && mv "$LOG" "$LOG.prev"
