@@ -79,16 +79,12 @@ pub enum Command {
 /// logs only need levels per target, and `EnvFilter`'s span and field
 /// matching links regex-automata's DFA builder into the static binary.
 pub fn init_logging() {
-    use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let spec = std::env::var("EDGECACHE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
-    let (filter, invalid) = match spec.parse::<Targets>() {
-        Ok(filter) => (filter, None),
-        Err(e) => (Targets::new().with_default(tracing::Level::INFO), Some(e)),
-    };
+    let (filter, invalid) = log_filter(&spec);
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let ansi = !journald && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let layer = tracing_subscriber::fmt::layer()
@@ -105,6 +101,20 @@ pub fn init_logging() {
         tracing::warn!(
             "EDGECACHE_LOG/RUST_LOG {spec:?} is not a list of [target=]level: {e}; logging at info"
         );
+    }
+}
+
+/// The filter `spec` asks for, or `info` everywhere and why not.
+fn log_filter(
+    spec: &str,
+) -> (
+    tracing_subscriber::filter::Targets,
+    Option<tracing_subscriber::filter::ParseError>,
+) {
+    use tracing_subscriber::filter::Targets;
+    match spec.parse::<Targets>() {
+        Ok(filter) => (filter, None),
+        Err(e) => (Targets::new().with_default(tracing::Level::INFO), Some(e)),
     }
 }
 
@@ -479,6 +489,25 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Levels per target as README documents them; anything else falls
+    /// back to `info` everywhere, with the reason.
+    #[test]
+    fn log_filters_are_levels_per_target() {
+        use tracing::Level;
+        let (filter, invalid) = log_filter("info,librdkafka=debug");
+        assert!(invalid.is_none());
+        assert!(filter.would_enable("librdkafka", &Level::DEBUG));
+        assert!(!filter.would_enable("edgecache::pipeline", &Level::DEBUG));
+        assert!(filter.would_enable("edgecache::pipeline", &Level::INFO));
+        let (filter, invalid) = log_filter("warn");
+        assert!(invalid.is_none());
+        assert!(!filter.would_enable("edgecache", &Level::INFO));
+        let (filter, invalid) = log_filter("a=b=c");
+        assert!(invalid.is_some());
+        assert!(filter.would_enable("edgecache", &Level::INFO));
+        assert!(!filter.would_enable("edgecache", &Level::DEBUG));
+    }
 
     #[test]
     fn human_status_shows_ages_and_counters() {
